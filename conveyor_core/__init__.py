@@ -1,0 +1,1 @@
+"""What Conveyor's gateway and runtime share: settings, records, backend ports."""

@@ -1,0 +1,1 @@
+"""Conveyor's runtime: consumes invocations and runs them in executors."""
