@@ -34,7 +34,7 @@ def open_store(settings: Settings) -> Store:
 
 def _sqlite_path(url: str) -> str:
     """The file of ``sqlite:///relative`` or ``sqlite:////absolute``."""
-    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
     if not path:
         raise ConfigurationError(
             f"{url!r} names no file; write sqlite:///path/to/file.sqlite3"
@@ -48,17 +48,25 @@ def open_broker(settings: Settings) -> Broker:
         from conveyor_core.brokers.sqlite import SQLiteBroker
 
         return SQLiteBroker(
-            str(settings.path("broker.sqlite3")), delivery_limit=settings.delivery_limit
+            str(settings.path("broker.sqlite3")),
+            delivery_limit=settings.delivery_limit,
+            queue=settings.queue,
         )
     scheme = _scheme(url)
     if scheme in ("amqp", "amqps"):
         from conveyor_core.brokers.rabbitmq import RabbitMQBroker
 
-        return RabbitMQBroker(url, delivery_limit=settings.delivery_limit)
+        return RabbitMQBroker(
+            url, delivery_limit=settings.delivery_limit, queue=settings.queue
+        )
     if scheme == "sqlite":
         from conveyor_core.brokers.sqlite import SQLiteBroker
 
-        return SQLiteBroker(_sqlite_path(url), delivery_limit=settings.delivery_limit)
+        return SQLiteBroker(
+            _sqlite_path(url),
+            delivery_limit=settings.delivery_limit,
+            queue=settings.queue,
+        )
     raise ConfigurationError(
         f"CONVEYOR_BROKER_URL={url!r} names no known broker; use amqp://… "
         "or leave it unset for the embedded queue"

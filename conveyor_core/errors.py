@@ -46,7 +46,9 @@ class FunctionNotFound(NotFound):
     def __init__(self, name: str, version: int | None = None) -> None:
         self.name = name
         self.version = version
-        what = f"function {name!r}" if version is None else f"{name!r} version {version}"
+        what = (
+            f"function {name!r}" if version is None else f"{name!r} version {version}"
+        )
         super().__init__(f"no {what} exists")
 
 

@@ -31,6 +31,7 @@ class Settings:
     store_url: str = ""
     admin_key: str = ""
     log_level: str = "INFO"
+    queue: str = "conveyor.invocations"
 
     gateway_workers: int = 2
     gateway_threads: int = 32

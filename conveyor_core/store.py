@@ -125,7 +125,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def cancel_invocation(self, tenant: str, invocation_id: str, at: float) -> Invocation:
+    def cancel_invocation(
+        self, tenant: str, invocation_id: str, at: float
+    ) -> Invocation:
         """Cancel a queued invocation.
 
         Raises InvocationNotFound, or InvalidTransition when it is not queued.

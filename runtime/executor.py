@@ -16,7 +16,9 @@ class Executor(ABC):
     """Runs function code away from the worker and measures how it went."""
 
     @abstractmethod
-    def run(self, function: FunctionVersion, payload: bytes, invocation_id: str) -> Outcome:
+    def run(
+        self, function: FunctionVersion, payload: bytes, invocation_id: str
+    ) -> Outcome:
         """Run the function on ``payload`` and return the worker's verdict.
 
         ``payload`` is the JSON document ``{"args": [...], "kwargs": {...}}``

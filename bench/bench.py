@@ -1,0 +1,198 @@
+"""Measure Conveyor end to end over HTTP, as a client sees it.
+
+Starts a gateway and runtimes on the given backends (the machine's RabbitMQ
+and Redis by default) and prints:
+
+- async throughput: N no-op invocations submitted through the batch endpoint
+  by several client threads, timed until every one is recorded terminal;
+- sync round trip: p50/p99 of sequential ``Prefer: wait`` invocations;
+- cold start: the first invocation of a freshly registered function.
+
+    python bench/bench.py                    # RabbitMQ and Redis on localhost
+    python bench/bench.py --embedded         # the embedded twins
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from functions import source  # noqa: E402
+from tests.harness import ApiClient, platform  # noqa: E402
+
+WARM_UP_CALLS = 50
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def cold_start(client: ApiClient, name: str) -> float:
+    client.deploy(name, source("noop").replace("def noop", f"def {name}"))
+    started = time.perf_counter()
+    answer = client.invoke(name, wait_s=30)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    assert answer.status_code == 200 and answer.json()["status"] == "succeeded"
+    return elapsed_ms
+
+
+def sync_round_trips(client: ApiClient, count: int) -> list[float]:
+    timings_ms = []
+    for _ in range(count):
+        started = time.perf_counter()
+        answer = client.invoke("noop", wait_s=10)
+        timings_ms.append((time.perf_counter() - started) * 1000)
+        if answer.status_code != 200 or answer.json()["status"] != "succeeded":
+            raise RuntimeError(f"sync invocation failed: {answer.text}")
+    return timings_ms
+
+
+def async_throughput(
+    url: str, key: str, total: int, batch: int, threads: int
+) -> tuple[float, float]:
+    """Seconds to submit, and to have every invocation terminal."""
+    per_thread = total // threads
+    errors: list[str] = []
+
+    def submit() -> None:
+        client = ApiClient(url, key)
+        items = [{"args": [], "kwargs": {}}] * batch
+        sent = 0
+        while sent < per_thread:
+            size = min(batch, per_thread - sent)
+            answer = client.request(
+                "POST",
+                "/v1/functions/noop/invocations/batch",
+                json={"items": items[:size]},
+            )
+            if answer.status_code != 202:
+                errors.append(answer.text)
+                return
+            sent += size
+
+    client = ApiClient(url, key)
+    started = time.perf_counter()
+    workers = [threading.Thread(target=submit) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    submitted_s = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"submission failed: {errors[0]}")
+
+    while True:
+        pending = 0
+        for state in ("queued", "running"):
+            answer = client.request(
+                "GET",
+                "/v1/invocations",
+                params={"function": "noop", "status": state, "limit": 1},
+            )
+            pending += len(answer.json()["invocations"])
+        if not pending:
+            break
+        time.sleep(0.01)
+    return submitted_s, time.perf_counter() - started
+
+
+def count_succeeded(client: ApiClient) -> int:
+    count, cursor = 0, None
+    while True:
+        params = {"function": "noop", "status": "succeeded", "limit": 200}
+        if cursor:
+            params["before"] = cursor
+        page = client.request("GET", "/v1/invocations", params=params).json()
+        count += len(page["invocations"])
+        cursor = page["next"]
+        if not cursor:
+            return count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embedded", action="store_true", help="use the twins")
+    parser.add_argument("--broker-url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
+    parser.add_argument("--cache-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--total", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--sync", type=int, default=500)
+    parser.add_argument("--runtimes", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+
+    backends = (
+        {}
+        if args.embedded
+        else {
+            "CONVEYOR_BROKER_URL": args.broker_url,
+            "CONVEYOR_CACHE_URL": args.cache_url,
+        }
+    )
+    backends.update(
+        CONVEYOR_LOG_LEVEL="WARNING", CONVEYOR_CONCURRENCY=str(args.concurrency)
+    )
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        platform(Path(folder), backends) as running,
+    ):
+        running.start("gateway")
+        for number in range(args.runtimes):
+            running.start(f"runtime-{number}", "runtime")
+        running.wait_ready()
+        client = running.client()
+
+        cold_ms = [cold_start(client, f"cold{number}") for number in range(5)]
+        client.deploy("noop", source("noop"))
+        sync_round_trips(client, WARM_UP_CALLS)
+        timings_ms = sync_round_trips(client, args.sync)
+        submitted_s, finished_s = async_throughput(
+            running.url,
+            client.session.headers["Authorization"][7:],
+            args.total,
+            args.batch,
+            args.threads,
+        )
+        succeeded = count_succeeded(client)
+
+    expected = args.total + args.sync + WARM_UP_CALLS
+    if succeeded != expected:
+        print(f"bench: expected {expected} succeeded invocations, found {succeeded}")
+        return 1
+    kind = "embedded twins" if args.embedded else "RabbitMQ + Redis"
+    print(f"backends: {kind}, store SQLite, {args.runtimes} runtime(s)")
+    print(
+        f"async: {args.total} no-op invocations in {finished_s:.2f} s = "
+        f"{args.total / finished_s:,.0f}/s end to end "
+        f"(submitted in {submitted_s:.2f} s = {args.total / submitted_s:,.0f}/s); "
+        "every one recorded succeeded"
+    )
+    print(
+        f"sync round trip over {args.sync} calls: "
+        f"p50 {percentile(timings_ms, 0.5):.2f} ms, "
+        f"p99 {percentile(timings_ms, 0.99):.2f} ms, "
+        f"mean {statistics.fmean(timings_ms):.2f} ms"
+    )
+    print(
+        f"cold start (first call of a new function, end to end): "
+        f"median {statistics.median(cold_ms):.1f} ms, max {max(cold_ms):.1f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except requests.ConnectionError as exc:
+        sys.exit(f"bench: cannot reach the platform: {exc}")

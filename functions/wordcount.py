@@ -1,0 +1,12 @@
+"""Word frequencies of a text: the most common words first."""
+
+import re
+from collections import Counter
+
+WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+
+
+def wordcount(text: str, top: int = 10) -> list[list]:
+    words = [word.lower() for word in WORD.findall(text)]
+    print(f"counted {len(words)} words")
+    return [[word, count] for word, count in Counter(words).most_common(top)]
