@@ -245,8 +245,9 @@ class Worker:
         error = {
             "type": "delivery_limit",
             "message": (
-                "the platform gave up on this invocation after it was delivered "
-                f"{delivery.deliveries or 'too many'} times without finishing"
+                "the platform gave up on this invocation after delivering it "
+                f"{self.settings.delivery_limit + 1} times without an outcome "
+                "(CONVEYOR_DELIVERY_LIMIT)"
             ),
         }
         try:

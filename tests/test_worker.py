@@ -255,7 +255,7 @@ def test_dead_letter_is_recorded_as_failed(store: SQLiteStore, started: bool) ->
     record = store.get_invocation(invocation.id, "acme")
     assert record.status is State.FAILED
     assert record.error["type"] == "delivery_limit"
-    assert "6 times" in record.error["message"]
+    assert "6 times" in record.error["message"]  # the default limit of 5, plus one
 
 
 def test_dead_letter_of_a_finished_invocation_changes_nothing(
