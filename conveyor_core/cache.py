@@ -6,7 +6,7 @@ Backends live in ``conveyor_core.caches``, one module each.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -23,6 +23,11 @@ class Cache(ABC):
     @abstractmethod
     def put(self, invocation_id: str, doc: dict[str, Any], ttl_s: int) -> None:
         """Cache the finished invocation's document and notify subscribers."""
+
+    def put_many(self, docs: Sequence[tuple[str, dict[str, Any]]], ttl_s: int) -> None:
+        """``put`` for each ``(invocation_id, doc)``, in one round trip if possible."""
+        for invocation_id, doc in docs:
+            self.put(invocation_id, doc, ttl_s)
 
     @abstractmethod
     def subscribe(self, callback: Callable[[str], None]) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,14 +48,41 @@ ALL_SCOPES = tuple(scope.value for scope in Scope)
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+_RANDOM_BITS = 80
+_id_lock = threading.Lock()
+_last_id = 0
+
+
 def new_id(prefix: str) -> str:
-    """A unique id that sorts by creation time (48 bits of ms, 80 random bits)."""
-    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    """A unique id that sorts by creation time (48 bits of ms, 80 random bits).
+
+    Within one process ids also sort in the order they were made: one made
+    in the same millisecond as the previous one (or while the clock went
+    back) is the previous one plus one.
+    """
+    global _last_id
+    fresh = (int(time.time() * 1000) << _RANDOM_BITS) | int.from_bytes(
+        os.urandom(_RANDOM_BITS // 8), "big"
+    )
+    with _id_lock:
+        if fresh >> _RANDOM_BITS <= _last_id >> _RANDOM_BITS:
+            fresh = _last_id + 1
+        _last_id = value = fresh
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return prefix + "".join(reversed(chars))
+
+
+def _forget_last_id() -> None:
+    # A forked child would otherwise count on from its parent's last id, as
+    # would its siblings, and the ids would collide.
+    global _last_id
+    _last_id = 0
+
+
+os.register_at_fork(after_in_child=_forget_last_id)
 
 
 def new_api_key() -> str:
@@ -206,10 +234,28 @@ class Invocation:
         }
 
     def to_doc(self) -> dict[str, Any]:
-        """A plain dict of every field, for stores and caches."""
-        doc = dataclasses.asdict(self)
-        doc["status"] = self.status.value
-        return doc
+        """A plain dict of every field, for stores and caches.
+
+        The result and error are the record's own objects, not copies.
+        """
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "function": self.function,
+            "version": self.version,
+            "status": self.status.value,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_ms": self.duration_ms,
+            "result": self.result,
+            "error": self.error,
+            "attempts": self.attempts,
+            "attempt_log": [dataclasses.asdict(a) for a in self.attempt_log],
+            "logs": self.logs,
+            "logs_truncated": self.logs_truncated,
+            "idempotency_key": self.idempotency_key,
+        }
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Invocation:

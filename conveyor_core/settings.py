@@ -19,6 +19,19 @@ def _default_data_dir() -> str:
     return os.path.join(base, "conveyor")
 
 
+#: Settings that count something and make no sense below 1.
+_POSITIVE = (
+    "gateway_workers",
+    "gateway_threads",
+    "max_batch",
+    "bundle_size",
+    "concurrency",
+    "prefetch",
+    "result_ttl_s",
+    "max_warm_processes",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the platform; each field is read from CONVEYOR_<NAME>."""
@@ -37,6 +50,7 @@ class Settings:
     gateway_threads: int = 32
     max_body_bytes: int = 6 * 1024 * 1024
     max_batch: int = 1000
+    bundle_size: int = 8
     max_wait_s: float = 60.0
     result_ttl_s: int = 3600
 
@@ -51,6 +65,14 @@ class Settings:
     max_log_bytes: int = 1024 * 1024
     warm_idle_s: float = 300.0
     max_warm_processes: int = 32
+
+    def __post_init__(self) -> None:
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigurationError(
+                    f"{ENV_PREFIX}{name.upper()}={value!r} must be at least 1"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from conveyor_core.records import (
     ApiKey,
@@ -19,6 +19,15 @@ from conveyor_core.records import (
     Outcome,
     State,
 )
+
+
+class AttemptFinish(NamedTuple):
+    """The arguments of one ``finish_attempt``, for ``finish_attempts``."""
+
+    invocation_id: str
+    attempt: int
+    outcome: Outcome
+    at: float
 
 
 class Store(ABC):
@@ -123,6 +132,32 @@ class Store(ABC):
         Returns the updated invocation, or None when another attempt or a
         terminal state got there first (the outcome is then not recorded).
         """
+
+    def start_attempts(
+        self, invocation_ids: Sequence[str], worker: str, at: float
+    ) -> list[Invocation | None]:
+        """``start_attempt`` for each id, lined up with them.
+
+        Backends that can write several records at once override this, so a
+        bundle of invocations costs one write rather than one each.
+        """
+        return [self.start_attempt(i, worker, at) for i in invocation_ids]
+
+    def finish_attempts(
+        self, finishes: Sequence[AttemptFinish]
+    ) -> list[Invocation | None]:
+        """``finish_attempt`` for each finish, lined up with them.
+
+        Raises ValueError, having recorded nothing, when any outcome is not
+        terminal.
+        """
+        for finish in finishes:
+            if not State(finish.outcome.status).terminal:
+                raise ValueError(
+                    "an attempt must finish in a terminal state, got "
+                    f"{State(finish.outcome.status).value!r}"
+                )
+        return [self.finish_attempt(*finish) for finish in finishes]
 
     @abstractmethod
     def cancel_invocation(

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, request
 
 from conveyor_core.errors import BackendUnavailable, BrokerUnavailable
-from conveyor_core.messages import InvocationMessage
+from conveyor_core.messages import InvocationMessage, encode_bundle
 from conveyor_core.records import ApiKey, FunctionVersion, Invocation, Scope, new_id
 from gateway.auth import requires
 from gateway.context import Backends
@@ -51,6 +51,7 @@ class InvocationsApi:
         settings = backends.settings
         self._max_wait_s = settings.max_wait_s
         self._max_batch = settings.max_batch
+        self._bundle_size = settings.bundle_size
         self._result_ttl_s = settings.result_ttl_s
         self._cache_warned_at = 0.0
 
@@ -158,15 +159,20 @@ class InvocationsApi:
         return kept
 
     def _publish(self, fresh: Sequence[tuple[Invocation, bytes]]) -> None:
-        bodies = [
+        messages = [
             InvocationMessage(
                 invocation.id,
                 invocation.tenant,
                 invocation.function,
                 invocation.version,
                 payload,
-            ).encode()
+            )
             for invocation, payload in fresh
+        ]
+        size = self._bundle_size
+        bodies = [
+            encode_bundle(messages[start : start + size])
+            for start in range(0, len(messages), size)
         ]
         try:
             self.backends.broker.publish(bodies)

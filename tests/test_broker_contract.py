@@ -236,6 +236,33 @@ def test_unsettled_messages_return_after_consume_stops(backend: Backend) -> None
     assert_empty(backend.broker())
 
 
+def test_acks_out_of_order_settle_only_their_own_messages(backend: Backend) -> None:
+    broker = backend.broker()
+    bodies = [f"m{n}".encode() for n in range(6)]
+    broker.publish(bodies)
+    with Consumer(broker) as consumer:
+        deliveries = consumer.take(6)
+        by_body = {d.body: d for d in deliveries}
+        # The first stays unsettled while later ones are acked out of order
+        # and one is handed back; no ack may take the held one along.
+        for body in (b"m5", b"m1", b"m2", b"m4"):
+            by_body[body].ack()
+        by_body[b"m3"].reject(True)
+        (requeued,) = consumer.take(1)
+        requeued.ack()
+        consumer.assert_quiet()
+
+    with Consumer(backend.broker()) as consumer:
+        again = consumer.take(1)
+        for delivery in again:
+            delivery.ack()
+        consumer.assert_quiet()
+
+    assert requeued.body == b"m3"
+    assert [d.body for d in again] == [b"m0"]
+    assert_empty(backend.broker())
+
+
 def test_reject_with_requeue_redelivers(backend: Backend) -> None:
     broker = backend.broker()
     broker.publish([b"retry me"])

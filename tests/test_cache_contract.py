@@ -178,6 +178,26 @@ def test_a_subscriber_receives_the_ids_of_puts(backend: Backend) -> None:
     assert received.ids == ids
 
 
+def test_put_many_caches_each_and_announces_each_id(backend: Backend) -> None:
+    cache = backend.open()
+    received = Collector()
+    cache.subscribe(received)
+
+    ids = [backend.new_id() for _ in range(5)]
+    backend.peer(cache).put_many(
+        [
+            (invocation_id, {"id": invocation_id, "n": n})
+            for n, invocation_id in enumerate(ids)
+        ],
+        ttl_s=60,
+    )
+
+    assert wait_for(lambda: received.has(*ids))
+    assert received.ids == ids
+    assert [cache.get(i) for i in ids] == [{"id": i, "n": n} for n, i in enumerate(ids)]
+    cache.put_many([], ttl_s=60)
+
+
 def test_every_callback_receives_each_id(backend: Backend) -> None:
     cache = backend.open()
     callbacks = [Collector() for _ in range(3)]

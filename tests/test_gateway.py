@@ -23,7 +23,7 @@ from conveyor_core.broker import Broker, DeliveryHandler
 from conveyor_core.brokers.sqlite import SQLiteBroker
 from conveyor_core.caches.memory import MemoryCache
 from conveyor_core.errors import BrokerUnavailable, CacheUnavailable, StoreUnavailable
-from conveyor_core.messages import InvocationMessage
+from conveyor_core.messages import InvocationMessage, decode_bundle
 from conveyor_core.records import (
     ApiKey,
     Invocation,
@@ -208,10 +208,10 @@ class FakeRuntime:
         self.broker.consume(self._on_message, self._on_message, 16, self.stop)
 
     def _on_message(self, delivery: Any) -> None:
-        message = InvocationMessage.decode(delivery.body)
-        payload = orjson.loads(message.payload)
-        time.sleep(self.delay_s)
-        finish(self.store, self.cache, message.id, result=sum(payload["args"]))
+        for message in decode_bundle(delivery.body):
+            payload = orjson.loads(message.payload)
+            time.sleep(self.delay_s)
+            finish(self.store, self.cache, message.id, result=sum(payload["args"]))
         delivery.ack()
 
 
@@ -913,9 +913,14 @@ def test_batch_of_500_is_recorded_and_published_together(
     assert all(item == {"id": item["id"], "status": "queued"} for item in accepted)
     assert calls == {"add_invocations": 1, "publish": 1}
 
+    # Published as bundles of the configured size, in order.
+    bodies = drain(broker, 63)
+    bundles = [decode_bundle(body) for body in bodies]
+    assert [len(bundle) for bundle in bundles] == [8] * 62 + [4]
     messages = {
         message.id: orjson.loads(message.payload)["args"][0]
-        for message in map(InvocationMessage.decode, drain(broker, 500))
+        for bundle in bundles
+        for message in bundle
     }
     assert [messages[item["id"]] for item in accepted] == list(range(500))
 

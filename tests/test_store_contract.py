@@ -38,7 +38,7 @@ from conveyor_core.records import (
     State,
     new_id,
 )
-from conveyor_core.store import Store
+from conveyor_core.store import AttemptFinish, Store
 from conveyor_core.stores import mongo as mongo_module
 from conveyor_core.stores import sqlite as sqlite_module
 from conveyor_core.stores.mongo import MongoStore
@@ -493,6 +493,48 @@ def test_an_attempt_cannot_finish_in_a_live_state(store: Store) -> None:
     with pytest.raises(ValueError, match="terminal"):
         store.finish_attempt(queued.id, 1, Outcome(status=State.QUEUED), T1)
     assert store.get_invocation(queued.id, TENANT).status is State.RUNNING
+
+
+def test_a_bundle_starts_and_finishes_in_one_call_each(store: Store) -> None:
+    fresh, also_fresh, done = (add_one(store) for _ in range(3))
+    store.start_attempt(done.id, "worker-1", T0)
+    store.finish_attempt(done.id, 1, succeeded("earlier"), T0)
+
+    ids = [fresh.id, done.id, "inv_missing", also_fresh.id]
+    started = store.start_attempts(ids, "worker-2", T1)
+    assert [s is not None for s in started] == [True, False, False, True]
+    assert started[0] == store.get_invocation(fresh.id, TENANT)
+    assert started[0].status is State.RUNNING and started[0].attempts == 1
+
+    finished = store.finish_attempts(
+        [
+            AttemptFinish(fresh.id, 1, succeeded("a"), T2),
+            AttemptFinish(done.id, 1, succeeded("late"), T2),
+            AttemptFinish(also_fresh.id, 2, succeeded("wrong attempt"), T2),
+        ]
+    )
+    assert finished[0] == store.get_invocation(fresh.id, TENANT)
+    assert finished[0].result == "a" and finished[0].finished_at == T2
+    assert finished[1:] == [None, None]
+    assert store.get_invocation(done.id, TENANT).result == "earlier"
+    assert store.get_invocation(also_fresh.id, TENANT).status is State.RUNNING
+    assert store.start_attempts([], "worker-2", T2) == []
+    assert store.finish_attempts([]) == []
+
+
+def test_a_bundle_with_a_live_outcome_records_nothing(store: Store) -> None:
+    first, second = add_one(store), add_one(store)
+    store.start_attempts([first.id, second.id], "worker-1", T0)
+
+    with pytest.raises(ValueError, match="terminal"):
+        store.finish_attempts(
+            [
+                AttemptFinish(first.id, 1, succeeded(), T1),
+                AttemptFinish(second.id, 1, Outcome(status=State.RUNNING), T1),
+            ]
+        )
+    for invocation in (first, second):
+        assert store.get_invocation(invocation.id, TENANT).status is State.RUNNING
 
 
 def test_a_queued_invocation_can_be_cancelled_once(store: Store) -> None:

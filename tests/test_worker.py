@@ -12,7 +12,7 @@ import pytest
 from conveyor_core.broker import Delivery
 from conveyor_core.caches.memory import MemoryCache
 from conveyor_core.errors import ExecutorError, StoreUnavailable
-from conveyor_core.messages import InvocationMessage
+from conveyor_core.messages import InvocationMessage, encode_bundle
 from conveyor_core.records import FunctionVersion, Invocation, Outcome, State, new_id
 from conveyor_core.settings import Settings
 from conveyor_core.stores.sqlite import SQLiteStore
@@ -204,8 +204,15 @@ def test_deleted_function_fails_the_invocation(store: SQLiteStore) -> None:
 class UnreachableStore(SQLiteStore):
     """A store whose writes fail as if its server were down."""
 
-    def start_attempt(self, *args: Any) -> Invocation | None:
+    def start_attempts(self, *args: Any) -> list[Invocation | None]:
         raise StoreUnavailable("connection refused")
+
+
+class StoreLostMidway(SQLiteStore):
+    """A store that goes down while the invocation runs."""
+
+    def finish_attempts(self, *args: Any) -> list[Invocation | None]:
+        raise StoreUnavailable("connection reset")
 
 
 def test_store_outage_hands_the_message_back(tmp_path: Path) -> None:
@@ -221,6 +228,21 @@ def test_store_outage_hands_the_message_back(tmp_path: Path) -> None:
     assert executor.runs == []
 
 
+def test_store_lost_before_the_outcome_hands_the_message_back(
+    tmp_path: Path,
+) -> None:
+    store = StoreLostMidway(str(tmp_path / "store.sqlite3"))
+    function = _function(store)
+    invocation, body = _queued(store, function)
+    delivery = RecordedDelivery(body)
+
+    worker = _worker(store, ScriptedExecutor(Outcome(State.SUCCEEDED)), MemoryCache())
+    worker.handle(delivery.delivery)
+
+    assert delivery.settled == [("reject", True)]
+    assert store.get_invocation(invocation.id, "acme").status is State.RUNNING
+
+
 def test_executor_fault_hands_the_message_back(store: SQLiteStore) -> None:
     function = _function(store)
     _, body = _queued(store, function)
@@ -230,6 +252,82 @@ def test_executor_fault_hands_the_message_back(store: SQLiteStore) -> None:
     worker.handle(delivery.delivery)
 
     assert delivery.settled == [("reject", True)]
+
+
+def _bundle(
+    store: SQLiteStore, function: FunctionVersion, count: int
+) -> tuple[list[Invocation], bytes]:
+    invocations = [
+        Invocation(id=new_id("inv_"), tenant="acme", function=function.name, version=1)
+        for _ in range(count)
+    ]
+    store.add_invocations(invocations)
+    body = encode_bundle(
+        [
+            InvocationMessage(i.id, "acme", function.name, 1, b'{"args":[%d]}' % n)
+            for n, i in enumerate(invocations)
+        ]
+    )
+    return invocations, body
+
+
+def test_a_bundle_runs_what_is_not_settled_and_acks_once(store: SQLiteStore) -> None:
+    function = _function(store)
+    invocations, body = _bundle(store, function, 4)
+    done = invocations[1]
+    store.start_attempt(done.id, "earlier:1", time.time())
+    store.finish_attempt(
+        done.id, 1, Outcome(State.SUCCEEDED, result="old"), time.time()
+    )
+    executor = ScriptedExecutor(Outcome(State.SUCCEEDED, result="new"))
+    cache = MemoryCache()
+    delivery = RecordedDelivery(body)
+
+    worker = _worker(store, executor, cache)
+    worker.handle(delivery.delivery)
+    worker._pool.shutdown(wait=True)
+
+    assert delivery.settled == ["ack"]
+    ran = sorted(invocation_id for invocation_id, _ in executor.runs)
+    assert ran == sorted(i.id for i in invocations if i is not done)
+    for invocation in invocations:
+        record = store.get_invocation(invocation.id, "acme")
+        assert record.status is State.SUCCEEDED
+        assert record.result == ("old" if invocation is done else "new")
+        assert record.attempts == 1
+        if invocation is not done:
+            assert cache.get(invocation.id)["result"] == "new"
+
+
+def test_a_fault_in_one_invocation_hands_the_bundle_back(store: SQLiteStore) -> None:
+    function = _function(store)
+    invocations, body = _bundle(store, function, 3)
+    faulty = invocations[2].id
+
+    class FlakyExecutor(ScriptedExecutor):
+        def run(
+            self, function: FunctionVersion, payload: bytes, invocation_id: str
+        ) -> Outcome:
+            if invocation_id == faulty:
+                raise ExecutorError("no fork")
+            return Outcome(State.SUCCEEDED, result=1)
+
+    delivery = RecordedDelivery(body)
+    worker = _worker(store, FlakyExecutor(Outcome(State.SUCCEEDED)), MemoryCache())
+    worker.handle(delivery.delivery)
+    worker._pool.shutdown(wait=True)
+
+    assert delivery.settled == [("reject", True)]
+    states = [store.get_invocation(i.id, "acme").status for i in invocations]
+    assert states == [State.SUCCEEDED, State.SUCCEEDED, State.RUNNING]
+
+    # Handed out again, only the unfinished one runs, as its second attempt.
+    again = RecordedDelivery(body, redelivered=True)
+    executor = ScriptedExecutor(Outcome(State.SUCCEEDED, result=2))
+    _worker(store, executor, MemoryCache()).handle(again.delivery)
+    assert again.settled == ["ack"]
+    assert [run[0] for run in executor.runs] == [faulty]
+    assert store.get_invocation(faulty, "acme").attempts == 2
 
 
 def test_malformed_message_goes_to_the_dead_letters(store: SQLiteStore) -> None:

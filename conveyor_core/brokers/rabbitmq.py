@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -410,23 +410,106 @@ class _ConfirmLink:
         self.last_confirm_s = time.monotonic()
 
 
-class _Settlement:
-    """Hands one delivery's ack or reject to its connection's thread, once."""
+class _Settler:
+    """Settles one consumer connection's deliveries in batches, on its thread.
 
-    def __init__(self, connection: Any, channel: Any, delivery_tag: int) -> None:
+    Workers settle from any thread; each settle is queued and the connection's
+    thread applies everything queued in one go. Acks that leave no unsettled
+    delivery below them on their channel collapse into one ``multiple`` ack,
+    since a blocking channel writes to the socket on every call.
+    """
+
+    def __init__(self, connection: Any) -> None:
         self._connection = connection
+        self._lock = threading.Lock()
+        self._queued: list[tuple[Any, int, bool | None]] = []
+        self._scheduled = False
+        # Owned by the connection's thread: delivered, not yet settled.
+        self._unsettled: dict[Any, set[int]] = {}
+
+    def delivered(self, channel: Any, delivery_tag: int) -> _Settlement:
+        """Track a delivery; runs on the connection's thread."""
+        self._unsettled.setdefault(channel, set()).add(delivery_tag)
+        return _Settlement(self, channel, delivery_tag)
+
+    def settle(self, channel: Any, delivery_tag: int, requeue: bool | None) -> None:
+        """Queue an ack (``requeue`` None) or a reject; any thread."""
+        with self._lock:
+            self._queued.append((channel, delivery_tag, requeue))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._connection.add_callback_threadsafe(self._apply)
+        except pika.exceptions.ConnectionWrongStateError:
+            logger.debug(
+                "dropped the settle of delivery %d: its connection has closed and "
+                "the broker has requeued it",
+                delivery_tag,
+            )
+
+    def _apply(self) -> None:
+        with self._lock:
+            queued, self._queued = self._queued, []
+            self._scheduled = False
+        by_channel: dict[Any, list[tuple[int, bool | None]]] = {}
+        for channel, tag, requeue in queued:
+            by_channel.setdefault(channel, []).append((tag, requeue))
+        for channel, settles in by_channel.items():
+            try:
+                self._apply_to(channel, settles)
+            except (
+                pika.exceptions.ChannelWrongStateError,
+                pika.exceptions.ChannelClosed,
+                pika.exceptions.ConnectionClosed,
+            ):
+                logger.debug(
+                    "dropped %d settle(s): their channel has closed and the "
+                    "broker has requeued those deliveries",
+                    len(settles),
+                )
+
+    def _apply_to(self, channel: Any, settles: list[tuple[int, bool | None]]) -> None:
+        unsettled = self._unsettled.setdefault(channel, set())
+        acked = []
+        for tag, requeue in settles:
+            unsettled.discard(tag)
+            if requeue is None:
+                acked.append(tag)
+            else:
+                channel.basic_reject(tag, requeue=requeue)
+        if not acked:
+            return
+        lowest_unsettled = min(unsettled, default=None)
+        covered = [
+            tag for tag in acked if lowest_unsettled is None or tag < lowest_unsettled
+        ]
+        if covered:
+            channel.basic_ack(max(covered), multiple=True)
+        for tag in acked:
+            if lowest_unsettled is not None and tag > lowest_unsettled:
+                channel.basic_ack(tag)
+
+
+class _Settlement:
+    """One delivery's ack or reject, handed to its settler once."""
+
+    __slots__ = ("_settler", "_channel", "_tag", "_lock", "_settled")
+
+    def __init__(self, settler: _Settler, channel: Any, delivery_tag: int) -> None:
+        self._settler = settler
         self._channel = channel
         self._tag = delivery_tag
         self._lock = threading.Lock()
         self._settled = False
 
     def ack(self) -> None:
-        self._settle(self._channel.basic_ack, self._tag)
+        self._settle(None)
 
     def reject(self, requeue: bool) -> None:
-        self._settle(self._channel.basic_reject, self._tag, requeue=requeue)
+        self._settle(requeue)
 
-    def _settle(self, method: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    def _settle(self, requeue: bool | None) -> None:
         with self._lock:
             if self._settled:
                 logger.warning(
@@ -435,30 +518,7 @@ class _Settlement:
                 )
                 return
             self._settled = True
-        try:
-            self._connection.add_callback_threadsafe(
-                partial(self._apply, method, *args, **kwargs)
-            )
-        except pika.exceptions.ConnectionWrongStateError:
-            logger.debug(
-                "dropped the settle of delivery %d: its connection has closed and "
-                "the broker has requeued it",
-                self._tag,
-            )
-
-    def _apply(self, method: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        try:
-            method(*args, **kwargs)
-        except (
-            pika.exceptions.ChannelWrongStateError,
-            pika.exceptions.ChannelClosed,
-            pika.exceptions.ConnectionClosed,
-        ):
-            logger.debug(
-                "dropped the settle of delivery %d: its channel has closed and the "
-                "broker has requeued it",
-                self._tag,
-            )
+        self._settler.settle(self._channel, self._tag, requeue)
 
 
 class RabbitMQBroker(Broker):
@@ -585,19 +645,20 @@ class RabbitMQBroker(Broker):
         prefetch: int,
     ) -> tuple[Any, tuple[Any, Any]]:
         connection = pika.BlockingConnection(self._consumer_params)
+        settler = _Settler(connection)
         try:
             main = connection.channel()
             self._topology.declare(main)
             main.basic_qos(prefetch_count=prefetch)
             main.basic_consume(
-                self._topology.queue, partial(_dispatch, connection, on_message)
+                self._topology.queue, partial(_dispatch, settler, on_message)
             )
 
             dead = connection.channel()
             dead.basic_qos(prefetch_count=_DEAD_LETTER_PREFETCH)
             dead.basic_consume(
                 self._topology.dead_queue,
-                partial(_dispatch, connection, on_dead_letter),
+                partial(_dispatch, settler, on_dead_letter),
             )
         except BaseException:
             _close_quietly(connection)
@@ -626,14 +687,14 @@ class RabbitMQBroker(Broker):
 
 
 def _dispatch(
-    connection: Any,
+    settler: _Settler,
     handler: DeliveryHandler,
     channel: Any,
     method: Any,
     properties: Any,
     body: bytes,
 ) -> None:
-    settlement = _Settlement(connection, channel, method.delivery_tag)
+    settlement = settler.delivered(channel, method.delivery_tag)
     handler(
         Delivery(
             body=body,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from conveyor_core import codec
@@ -100,19 +100,27 @@ class RedisCache(Cache):
             return None
 
     def put(self, invocation_id: str, doc: dict[str, Any], ttl_s: int) -> None:
+        self.put_many([(invocation_id, doc)], ttl_s)
+
+    def put_many(self, docs: Sequence[tuple[str, dict[str, Any]]], ttl_s: int) -> None:
         if ttl_s < 1:
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s!r}")
-        key = RESULT_KEY_PREFIX + invocation_id
-        payload = _encode(invocation_id, doc)
-
+        if not docs:
+            return
         pipe = self._client.pipeline(transaction=False)
-        if payload is None:
-            # Waiters still wake up and read the store; a stale copy from an
-            # earlier attempt must not answer for this one.
-            pipe.delete(key)
-        else:
-            pipe.set(key, payload, ex=ttl_s)
-        pipe.publish(FINISHED_CHANNEL, invocation_id)
+        for invocation_id, doc in docs:
+            key = RESULT_KEY_PREFIX + invocation_id
+            payload = _encode(invocation_id, doc)
+            if payload is None:
+                # Waiters still wake up and read the store; a stale copy from
+                # an earlier attempt must not answer for this one.
+                pipe.delete(key)
+            else:
+                pipe.set(key, payload, ex=ttl_s)
+        # One notification names every id of the batch, space separated.
+        pipe.publish(
+            FINISHED_CHANNEL, " ".join(invocation_id for invocation_id, _ in docs)
+        )
         try:
             pipe.execute()
         except _REDIS_ERRORS as exc:
@@ -204,7 +212,8 @@ class RedisCache(Cache):
             if message["type"] == "subscribe":
                 self._subscribed()
             elif message["type"] == "message":
-                self._dispatch(message["data"].decode("utf-8", "replace"))
+                for invocation_id in message["data"].decode("utf-8", "replace").split():
+                    self._dispatch(invocation_id)
 
     def _subscribed(self) -> None:
         self._listening = True

@@ -44,7 +44,7 @@ from conveyor_core.records import (
     Scope,
     State,
 )
-from conveyor_core.store import Store
+from conveyor_core.store import AttemptFinish, Store
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -584,44 +584,55 @@ class SQLiteStore(Store):
         rows = self._connection().execute(query, (*params, limit))
         return [self._invocation(row) for row in rows]
 
-    @_translate_errors
     def start_attempt(
         self, invocation_id: str, worker: str, at: float
     ) -> Invocation | None:
-        row = (
-            self._connection()
-            .execute(
-                _START_ATTEMPT,
-                {
-                    "id": invocation_id,
-                    "worker": worker,
-                    "at": _json(at),
-                    "queued": State.QUEUED.value,
-                    "running": State.RUNNING.value,
-                },
-            )
-            .fetchone()
-        )
-        if row is None:
-            logger.debug(
-                "invocation %s is settled or unknown; not started", invocation_id
-            )
-            return None
-        return self._invocation(row)
+        return self.start_attempts([invocation_id], worker, at)[0]
 
     @_translate_errors
+    def start_attempts(
+        self, invocation_ids: Sequence[str], worker: str, at: float
+    ) -> list[Invocation | None]:
+        common = {
+            "worker": worker,
+            "at": _json(at),
+            "queued": State.QUEUED.value,
+            "running": State.RUNNING.value,
+        }
+        rows = self._write_each(
+            _START_ATTEMPT,
+            [{**common, "id": invocation_id} for invocation_id in invocation_ids],
+        )
+        started: list[Invocation | None] = []
+        for invocation_id, row in zip(invocation_ids, rows, strict=True):
+            if row is None:
+                logger.debug(
+                    "invocation %s is settled or unknown; not started", invocation_id
+                )
+                started.append(None)
+            else:
+                started.append(self._invocation(row))
+        return started
+
     def finish_attempt(
         self, invocation_id: str, attempt: int, outcome: Outcome, at: float
     ) -> Invocation | None:
-        status = State(outcome.status)
-        if not status.terminal:
-            raise ValueError(
-                f"an attempt must finish in a terminal state, got {status.value!r}"
-            )
-        row = (
-            self._connection()
-            .execute(
-                _FINISH_ATTEMPT,
+        return self.finish_attempts(
+            [AttemptFinish(invocation_id, attempt, outcome, at)]
+        )[0]
+
+    @_translate_errors
+    def finish_attempts(
+        self, finishes: Sequence[AttemptFinish]
+    ) -> list[Invocation | None]:
+        params = []
+        for invocation_id, attempt, outcome, at in finishes:
+            status = State(outcome.status)
+            if not status.terminal:
+                raise ValueError(
+                    f"an attempt must finish in a terminal state, got {status.value!r}"
+                )
+            params.append(
                 {
                     "id": invocation_id,
                     "attempt": attempt,
@@ -633,18 +644,36 @@ class SQLiteStore(Store):
                     "logs_truncated": _json(outcome.logs_truncated),
                     "duration_ms": _json(outcome.duration_ms),
                     "at": _json(at),
-                },
+                }
             )
-            .fetchone()
-        )
-        if row is None:
-            logger.debug(
-                "invocation %s is no longer running attempt %d; outcome dropped",
-                invocation_id,
-                attempt,
-            )
-            return None
-        return self._invocation(row)
+        rows = self._write_each(_FINISH_ATTEMPT, params)
+        finished: list[Invocation | None] = []
+        for finish, row in zip(finishes, rows, strict=True):
+            if row is None:
+                logger.debug(
+                    "invocation %s is no longer running attempt %d; outcome dropped",
+                    finish.invocation_id,
+                    finish.attempt,
+                )
+                finished.append(None)
+            else:
+                finished.append(self._invocation(row))
+        return finished
+
+    def _write_each(
+        self, statement: str, params: Sequence[dict[str, Any]]
+    ) -> list[tuple[Any, ...] | None]:
+        """Run an ``UPDATE … RETURNING`` once per parameter set, atomically.
+
+        One statement commits on its own; several share one transaction, which
+        costs one commit instead of one each.
+        """
+        if not params:
+            return []
+        if len(params) == 1:
+            return [self._connection().execute(statement, params[0]).fetchone()]
+        with self._transaction() as connection:
+            return [connection.execute(statement, p).fetchone() for p in params]
 
     @_translate_errors
     def cancel_invocation(
