@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
+from conveyor_core.broker import Publication
 from conveyor_core.errors import BackendUnavailable, BrokerUnavailable
 from conveyor_core.messages import InvocationMessage, encode_bundle
 from conveyor_core.records import ApiKey, FunctionVersion, Invocation, Scope, new_id
@@ -38,6 +39,10 @@ from gateway.validation import (
 from gateway.waiting import Watch
 
 logger = logging.getLogger(__name__)
+
+#: How often a waiter whose publish is unconfirmed looks again; it is woken
+#: early by the confirm or by the outcome.
+PUBLISH_POLL_S = 1.0
 
 #: The least time between two warnings about a failing cache read.
 CACHE_WARNING_INTERVAL_S = 10.0
@@ -107,12 +112,15 @@ class InvocationsApi:
             return _accepted(invocation)
 
         # Registered before publishing, so even a runtime that finishes before
-        # publish() returns cannot slip its notification past the waiter.
+        # the broker's confirm arrives cannot slip its notification past us.
+        deadline_s = time.monotonic() + wait_s
         with self.backends.hub.watch(draft.id) as watch:
-            invocation = self._enqueue([draft], [payload])[0]
+            (invocation,) = self.backends.store.add_invocations([draft])
             replayed = invocation.id != draft.id
             if not replayed:
-                invocation = self._await(invocation, wait_s, watch)
+                invocation = self._publish_and_await(
+                    invocation, payload, deadline_s, watch
+                )
         if replayed:
             invocation = self._await(invocation, wait_s, None)
 
@@ -158,7 +166,34 @@ class InvocationsApi:
             self._publish(fresh)
         return kept
 
-    def _publish(self, fresh: Sequence[tuple[Invocation, bytes]]) -> None:
+    def _publish_and_await(
+        self, invocation: Invocation, payload: bytes, deadline_s: float, watch: Watch
+    ) -> Invocation:
+        """Publish one invocation and wait for it to finish, by the deadline.
+
+        The confirm and the outcome are awaited together: the runtime often
+        finishes a short invocation before the broker's confirm gets back,
+        and a finished invocation proves its message got through.
+        """
+        fresh = [(invocation, payload)]
+        publication = self.backends.broker.publish_nowait(self._bodies(fresh))
+        publication.add_done_callback(watch.poke)
+        while not publication.done():
+            # The publication times out on its own; this only bounds the loop.
+            watch.pause(PUBLISH_POLL_S)
+            if watch.notified:
+                try:
+                    finished = self._load(invocation.id, invocation.tenant)
+                except BackendUnavailable:
+                    continue
+                if finished.status.terminal:
+                    return finished
+        self._confirm(fresh, publication)
+        remaining_s = max(deadline_s - time.monotonic(), 0.0)
+        return self._await(invocation, remaining_s, watch)
+
+    def _bodies(self, fresh: Sequence[tuple[Invocation, bytes]]) -> list[bytes]:
+        """The message bodies for the invocations, in bundles."""
         messages = [
             InvocationMessage(
                 invocation.id,
@@ -170,12 +205,20 @@ class InvocationsApi:
             for invocation, payload in fresh
         ]
         size = self._bundle_size
-        bodies = [
+        return [
             encode_bundle(messages[start : start + size])
             for start in range(0, len(messages), size)
         ]
+
+    def _publish(self, fresh: Sequence[tuple[Invocation, bytes]]) -> None:
+        self._confirm(fresh, self.backends.broker.publish_nowait(self._bodies(fresh)))
+
+    def _confirm(
+        self, fresh: Sequence[tuple[Invocation, bytes]], publication: Publication
+    ) -> None:
+        """Wait for the broker's confirm; on failure mark the invocations failed."""
         try:
-            self.backends.broker.publish(bodies)
+            publication.wait()
         except Exception as exc:
             self._fail_unpublished([invocation for invocation, _ in fresh], exc)
             if isinstance(exc, BrokerUnavailable):

@@ -36,12 +36,20 @@ Loader = Callable[[], Invocation]
 class Watch:
     """A registered waiter for one invocation."""
 
-    __slots__ = ("invocation_id", "_event", "_hub")
+    __slots__ = ("invocation_id", "notified", "_event", "_hub")
 
     def __init__(self, hub: WaitHub, invocation_id: str) -> None:
         self.invocation_id = invocation_id
+        #: Whether the cache announced the invocation since the last pause.
+        self.notified = False
         self._event = threading.Event()
         self._hub = hub
+
+    def pause(self, timeout_s: float) -> None:
+        """Sleep until woken or poked, or for ``timeout_s``."""
+        self.notified = False
+        self._event.wait(timeout_s)
+        self._event.clear()
 
     def wait(
         self, timeout_s: float, load: Loader, *, check_first: bool = True
@@ -71,6 +79,12 @@ class Watch:
         return invocation if invocation is not None else load()
 
     def wake(self) -> None:
+        """The invocation was announced; runs on the cache's listener."""
+        self.notified = True
+        self._event.set()
+
+    def poke(self) -> None:
+        """Wake the waiter for some other reason than an announcement."""
         self._event.set()
 
 

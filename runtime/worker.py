@@ -173,8 +173,9 @@ class Worker:
     def _drain_on(self, stop: threading.Event, consuming: threading.Event) -> None:
         """Once ``stop`` is set, wait for the running bundles, then stop consuming.
 
-        Messages delivered meanwhile go straight back to the queue, while the
-        running ones finish and are acked on the still open connection.
+        Messages delivered meanwhile are left unsettled, so they go back to the
+        queue when the connection closes, while the running ones finish and
+        are acked on the still open connection.
         """
         stop.wait()
         with self._idle:
@@ -197,7 +198,8 @@ class Worker:
     def _submit(self, delivery: Delivery) -> None:
         with self._idle:
             if self._stopping:
-                delivery.reject(True)
+                # Held unsettled, it goes back to the queue when the
+                # connection closes; a reject now would come straight back.
                 return
             self._in_flight += 1
         self._pool.submit(self.handle, delivery)
@@ -211,7 +213,6 @@ class Worker:
     def _submit_dead_letter(self, delivery: Delivery) -> None:
         with self._idle:
             if self._stopping:
-                delivery.reject(True)
                 return
         self._pool.submit(self.handle_dead_letter, delivery)
 

@@ -167,3 +167,21 @@ def platform(
         yield running
     finally:
         running.stop()
+        broker_url = env.get("CONVEYOR_BROKER_URL", "")
+        if broker_url.startswith(("amqp://", "amqps://")):
+            delete_rabbitmq_queues(broker_url, env["CONVEYOR_QUEUE"])
+
+
+def delete_rabbitmq_queues(url: str, name: str) -> None:
+    """Delete a test's queue and its dead-letter queue from RabbitMQ."""
+    import pika
+
+    from conveyor_core.brokers.rabbitmq import dead_letter_queue_for
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.queue_delete(name)
+        channel.queue_delete(dead_letter_queue_for(name))
+    finally:
+        connection.close()

@@ -23,6 +23,7 @@ import pytest
 from conveyor_core.broker import Broker, Delivery
 from conveyor_core.errors import BrokerUnavailable
 from conveyor_core.names import INVOCATIONS_QUEUE
+from tests.harness import delete_rabbitmq_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,20 +85,6 @@ def _rabbitmq_backend(url: str) -> Backend:
     )
 
 
-def _delete_rabbitmq_queues(url: str, name: str) -> None:
-    import pika
-
-    from conveyor_core.brokers.rabbitmq import dead_letter_queue_for
-
-    connection = pika.BlockingConnection(pika.URLParameters(url))
-    try:
-        channel = connection.channel()
-        channel.queue_delete(name)
-        channel.queue_delete(dead_letter_queue_for(name))
-    finally:
-        connection.close()
-
-
 def _sqlite_backend(folder: Path) -> Backend:
     from conveyor_core.brokers.sqlite import SQLiteBroker
 
@@ -126,7 +113,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         for broker in chosen.opened:
             broker.close()
         if url:
-            _delete_rabbitmq_queues(url, chosen.queue)
+            delete_rabbitmq_queues(url, chosen.queue)
 
 
 class Consumer:

@@ -19,7 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from conveyor_core.broker import Broker, DeliveryHandler
+from conveyor_core.broker import Broker, DeliveryHandler, Publication
 from conveyor_core.brokers.sqlite import SQLiteBroker
 from conveyor_core.caches.memory import MemoryCache
 from conveyor_core.errors import BrokerUnavailable, CacheUnavailable, StoreUnavailable
@@ -1038,6 +1038,78 @@ def test_prefer_wait_answers_200_when_the_runtime_finishes(
     assert answer.json["result"] == 42
     assert answer.json == store.get_invocation(answer.json["id"], "acme").to_api()
     assert app.extensions["conveyor"].hub.waiting() == 0
+
+
+class LateConfirmBroker(SQLiteBroker):
+    """Enqueues at once but confirms only when the test says, or fails then."""
+
+    def __init__(self, path: str, error: Exception | None = None) -> None:
+        super().__init__(path, delivery_limit=3)
+        self.error = error
+        self.pending: list[Publication] = []
+
+    def publish_nowait(self, bodies: Any) -> Publication:
+        self.publish(bodies)
+        publication = Publication()
+        self.pending.append(publication)
+        return publication
+
+    def confirm_all(self) -> None:
+        for publication in self.pending:
+            publication.settle(self.error)
+
+
+def test_prefer_wait_answers_with_the_outcome_before_the_confirm(
+    settings: Settings,
+    store: SQLiteStore,
+    admin: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    broker = LateConfirmBroker(str(tmp_path / "late.sqlite3"))
+    cache = SharedMemoryCache()
+    app = create_app(settings, store=store, broker=broker, cache=cache)
+    client = app.test_client()
+    client.post(
+        "/v1/functions", json={"name": "add", "source": ADD_SOURCE}, headers=admin
+    )
+
+    started = time.monotonic()
+    with FakeRuntime(broker, store, cache, delay_s=0.05):
+        answer = invoke(client, {**admin, "Prefer": "wait=5"}, body={"args": [1, 1]})
+    assert time.monotonic() - started < 2.0
+    assert answer.status_code == 200
+    assert answer.json["result"] == 2
+    assert broker.pending and not broker.pending[0].done()
+    broker.confirm_all()
+    broker.close()
+
+
+def test_a_failed_confirm_with_no_outcome_is_503_and_the_record_failed(
+    settings: Settings,
+    store: SQLiteStore,
+    cache: MemoryCache,
+    admin: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    broker = LateConfirmBroker(
+        str(tmp_path / "late.sqlite3"), BrokerUnavailable("nacked by the test")
+    )
+    app = create_app(settings, store=store, broker=broker, cache=cache)
+    client = app.test_client()
+    client.post(
+        "/v1/functions", json={"name": "add", "source": ADD_SOURCE}, headers=admin
+    )
+
+    timer = threading.Timer(0.2, broker.confirm_all)
+    timer.start()
+    answer = invoke(client, {**admin, "Prefer": "wait=5"})
+    timer.join()
+    assert answer.status_code == 503
+    assert "nacked by the test" in answer.json["error"]["message"]
+    [record] = store.list_invocations("acme")
+    assert record.status is State.FAILED
+    assert record.error["type"] == "broker_unavailable"
+    broker.close()
 
 
 def test_prefer_wait_answers_202_when_time_runs_out(

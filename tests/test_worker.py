@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from conveyor_core.broker import Delivery
+from conveyor_core.brokers.sqlite import SQLiteBroker
 from conveyor_core.caches.memory import MemoryCache
 from conveyor_core.errors import ExecutorError, StoreUnavailable
 from conveyor_core.messages import InvocationMessage, encode_bundle
@@ -398,3 +399,68 @@ def test_overtaken_attempt_does_not_overwrite_the_newer_one(store: SQLiteStore) 
     assert record.status is State.RUNNING
     assert record.attempts == 2
     assert record.result is None
+
+
+def test_a_stopping_worker_finishes_and_acks_what_runs_and_hands_back_the_rest(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    function = _function(store)
+    running, first_body = _queued(store, function)
+    waiting, second_body = _queued(store, function)
+    broker = SQLiteBroker(str(tmp_path / "broker.sqlite3"))
+    started = threading.Event()
+    release = threading.Event()
+
+    class HeldExecutor(ScriptedExecutor):
+        def run(
+            self, function: FunctionVersion, payload: bytes, invocation_id: str
+        ) -> Outcome:
+            self.runs.append((invocation_id, payload))
+            started.set()
+            assert release.wait(10)
+            return Outcome(State.SUCCEEDED, result="done")
+
+    executor = HeldExecutor(Outcome(State.SUCCEEDED))
+    worker = Worker(
+        Settings(concurrency=1, prefetch=1),
+        store,
+        broker=broker,
+        cache=MemoryCache(),
+        executor=executor,
+    )
+    stop = threading.Event()
+    broker.publish([first_body])
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    assert started.wait(10)
+
+    stop.set()
+    broker.publish([second_body])
+    time.sleep(0.3)
+    assert thread.is_alive(), "the worker stopped before its invocation finished"
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+
+    assert [run[0] for run in executor.runs] == [running.id]
+    record = store.get_invocation(running.id, "acme")
+    assert record.status is State.SUCCEEDED and record.attempts == 1
+    assert store.get_invocation(waiting.id, "acme").status is State.QUEUED
+
+    # Only the message that never ran is left, and it was never started.
+    taken: list[bytes] = []
+    consume_stop = threading.Event()
+
+    def take(delivery: Delivery) -> None:
+        taken.append(delivery.body)
+        delivery.ack()
+
+    consumer = threading.Thread(
+        target=broker.consume, args=(take, take, 4, consume_stop)
+    )
+    consumer.start()
+    time.sleep(0.5)
+    consume_stop.set()
+    consumer.join(10)
+    broker.close()
+    assert taken == [second_body]

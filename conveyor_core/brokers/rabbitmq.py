@@ -13,13 +13,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from conveyor_core.broker import Broker, Delivery, DeliveryHandler
+from conveyor_core.broker import Broker, Delivery, DeliveryHandler, Publication
 from conveyor_core.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -139,25 +139,38 @@ def _deliveries(method: Any, properties: Any) -> int | None:
     return None if method.redelivered else 1
 
 
-class _Waiter:
+class _Waiter(Publication):
     """A caller waiting on the publisher thread: for a batch's acks, or a ping."""
 
-    def __init__(self, bodies: Sequence[bytes]) -> None:
+    def __init__(self, bodies: Sequence[bytes], timeout_s: float) -> None:
+        super().__init__()
         self.bodies = bodies
         self.unconfirmed = len(bodies)
-        self.error: str | None = None
-        self.done = threading.Event()
         self.submitted_s = time.monotonic()
+        self.deadline_s = self.submitted_s + timeout_s
+        self.timeout_s = timeout_s
+        self.on_timeout: Callable[[_Waiter], None] | None = None
 
     def confirm(self) -> None:
         self.unconfirmed -= 1
         if self.unconfirmed <= 0:
-            self.done.set()
+            self.settle()
 
     def fail(self, reason: str) -> None:
-        if not self.done.is_set():
-            self.error = reason
-            self.done.set()
+        self.settle(BrokerUnavailable(reason))
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        if timeout_s is None:
+            timeout_s = max(self.deadline_s - time.monotonic(), 0.0)
+        if not self._done.wait(timeout_s):
+            if self.on_timeout is not None:
+                self.on_timeout(self)
+            raise BrokerUnavailable(
+                f"RabbitMQ did not confirm {len(self.bodies)} message(s) within "
+                f"{self.timeout_s:.1f} s"
+            )
+        if self._error is not None:
+            raise self._error
 
 
 class _ConfirmLink:
@@ -206,9 +219,8 @@ class _ConfirmLink:
         if self._error is not None:
             raise BrokerUnavailable(self._error)
 
-    def submit(self, bodies: Sequence[bytes]) -> _Waiter:
+    def submit(self, waiter: _Waiter) -> None:
         """Queue a batch (or, when empty, a ping) for the I/O thread."""
-        waiter = _Waiter(bodies)
         with self._lock:
             if self._error is not None:
                 raise BrokerUnavailable(self._error)
@@ -216,7 +228,6 @@ class _ConfirmLink:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
                 self._ioloop.add_callback_threadsafe(self._flush)
-        return waiter
 
     def abort(self, reason: str, *, closing: bool = False) -> None:
         """Close the connection; everything still waiting fails with reason.
@@ -381,7 +392,7 @@ class _ConfirmLink:
 
         def answered(_frame: Any) -> None:
             self._pings.remove(waiter)
-            waiter.done.set()
+            waiter.settle()
 
         self._channel.queue_declare(
             self._topology.queue, passive=True, callback=answered
@@ -551,34 +562,43 @@ class RabbitMQBroker(Broker):
     def publish(self, bodies: Sequence[bytes]) -> None:
         if not bodies:
             return
-        deadline_s = time.monotonic() + self._publish_timeout_s
-        link = self._ready_link(deadline_s)
-        waiter = link.submit(bodies)
-
-        if not waiter.done.wait(max(deadline_s - time.monotonic(), 0.0)):
-            # No ack for anything since this batch went out means the
-            # connection is stuck rather than busy: start over next time.
-            if link.last_confirm_s < waiter.submitted_s:
-                self._discard(link, "RabbitMQ stopped confirming publishes")
-            raise BrokerUnavailable(
-                f"RabbitMQ did not confirm {len(bodies)} message(s) within "
-                f"{self._publish_timeout_s:.1f} s"
-            )
-        if waiter.error is not None:
-            raise BrokerUnavailable(waiter.error)
+        self.publish_nowait(bodies).wait()
         logger.debug("published %d message(s) to %s", len(bodies), self._topology.queue)
 
+    def publish_nowait(self, bodies: Sequence[bytes]) -> Publication:
+        waiter = _Waiter(bodies, self._publish_timeout_s)
+        if not bodies:
+            waiter.settle()
+            return waiter
+        try:
+            link = self._ready_link(waiter.deadline_s)
+            # No ack for anything since this batch went out means the
+            # connection is stuck rather than busy: start over next time.
+            waiter.on_timeout = partial(self._discard_if_stuck, link)
+            link.submit(waiter)
+        except BrokerUnavailable as exc:
+            waiter.settle(exc)
+        return waiter
+
     def ping(self) -> None:
-        deadline_s = time.monotonic() + self._publish_timeout_s
-        link = self._ready_link(deadline_s)
-        waiter = link.submit(())
-        if not waiter.done.wait(max(deadline_s - time.monotonic(), 0.0)):
-            self._discard(link, "RabbitMQ did not answer a ping")
-            raise BrokerUnavailable(
-                f"RabbitMQ did not answer within {self._publish_timeout_s:.1f} s"
-            )
-        if waiter.error is not None:
-            raise BrokerUnavailable(waiter.error)
+        waiter = _Waiter((), self._publish_timeout_s)
+        link = self._ready_link(waiter.deadline_s)
+        waiter.on_timeout = lambda _: self._discard(
+            link, "RabbitMQ did not answer a ping"
+        )
+        link.submit(waiter)
+        try:
+            waiter.wait()
+        except BrokerUnavailable as exc:
+            if not waiter.done():
+                raise BrokerUnavailable(
+                    f"RabbitMQ did not answer within {self._publish_timeout_s:.1f} s"
+                ) from exc
+            raise
+
+    def _discard_if_stuck(self, link: _ConfirmLink, waiter: _Waiter) -> None:
+        if link.last_confirm_s < waiter.submitted_s:
+            self._discard(link, "RabbitMQ stopped confirming publishes")
 
     def close(self) -> None:
         with self._lock:

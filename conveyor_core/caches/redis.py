@@ -35,6 +35,23 @@ MAX_RECONNECT_DELAY_S = 5.0
 
 _PING_MESSAGE = "conveyor-listener"
 
+# Sets (or, given an empty value, deletes) each key with the TTL in ARGV[1],
+# then publishes the ids in the last argument: one command for a whole batch,
+# where a pipeline would pay redis-py's cost per command.
+_PUT_SCRIPT = f"""
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+    local value = ARGV[i + 1]
+    if value == "" then
+        redis.call("DEL", key)
+    else
+        redis.call("SET", key, value, "EX", ttl)
+    end
+end
+redis.call("PUBLISH", "{FINISHED_CHANNEL}", ARGV[#ARGV])
+return #KEYS
+"""
+
 # redis-py wraps socket failures in its own ConnectionError and TimeoutError,
 # both RedisError; OSError covers the odd path where it does not.
 _REDIS_ERRORS = (redis.RedisError, OSError)
@@ -65,6 +82,7 @@ class RedisCache(Cache):
             ) from None
         self._client = redis.Redis(connection_pool=self._pool)
         self._where = _describe(self._pool)
+        self._put_script = self._client.register_script(_PUT_SCRIPT)
 
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[str], None]] = []
@@ -107,22 +125,18 @@ class RedisCache(Cache):
             raise ValueError(f"ttl_s must be at least 1 second, got {ttl_s!r}")
         if not docs:
             return
-        pipe = self._client.pipeline(transaction=False)
+        keys = []
+        values: list[bytes | int | str] = [ttl_s]
         for invocation_id, doc in docs:
-            key = RESULT_KEY_PREFIX + invocation_id
-            payload = _encode(invocation_id, doc)
-            if payload is None:
-                # Waiters still wake up and read the store; a stale copy from
-                # an earlier attempt must not answer for this one.
-                pipe.delete(key)
-            else:
-                pipe.set(key, payload, ex=ttl_s)
+            keys.append(RESULT_KEY_PREFIX + invocation_id)
+            # An empty value deletes the key instead: waiters still wake up
+            # and read the store, and a stale copy from an earlier attempt
+            # must not answer for this one.
+            values.append(_encode(invocation_id, doc) or b"")
         # One notification names every id of the batch, space separated.
-        pipe.publish(
-            FINISHED_CHANNEL, " ".join(invocation_id for invocation_id, _ in docs)
-        )
+        values.append(" ".join(invocation_id for invocation_id, _ in docs))
         try:
-            pipe.execute()
+            self._put_script(keys=keys, args=values)
         except _REDIS_ERRORS as exc:
             raise self._unavailable("SET and PUBLISH", exc) from exc
 
