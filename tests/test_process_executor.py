@@ -622,3 +622,51 @@ def test_from_settings_takes_the_limits():
 
     assert outcome.error["type"] == "result_too_large"
     assert len(outcome.logs) == 99 and outcome.logs_truncated
+
+
+def test_printing_without_end_still_times_out_on_time():
+    fn = function(
+        """
+        import os
+
+        def main():
+            chunk = b"z" * 65536
+            while True:
+                os.write(1, chunk)
+        """,
+        timeout_s=1.0,
+    )
+    with ProcessExecutor(max_processes=1, max_log_bytes=MIB) as executor:
+        started = time.monotonic()
+        outcome = executor.run(fn, payload(), "inv-1")
+        elapsed_s = time.monotonic() - started
+
+    assert outcome.status is State.TIMED_OUT
+    assert outcome.logs_truncated
+    assert elapsed_s < 4.0
+
+
+def test_output_between_invocations_goes_to_the_next_one(executor):
+    fn = function(
+        """
+        import sys
+        import threading
+        import time
+
+        def later():
+            time.sleep(0.2)
+            print("from the background", flush=True)
+
+        def main(n):
+            if n == 1:
+                threading.Thread(target=later).start()
+            print("call", n)
+        """
+    )
+
+    first = executor.run(fn, payload(1), "inv-1")
+    time.sleep(0.5)
+    second = executor.run(fn, payload(2), "inv-2")
+
+    assert first.logs == "call 1\n"
+    assert second.logs == "from the background\ncall 2\n"

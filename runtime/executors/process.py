@@ -2,9 +2,10 @@
 
 Each process runs ``bootstrap.py`` (whose docstring describes the protocol on
 its two control pipes), loads one function version once and then serves its
-invocations one at a time. Its stdout and stderr share a third pipe that a
-thread of the worker drains; the marker the process writes at the end of each
-invocation separates one invocation's output from the next.
+invocations one at a time. Its stdout and stderr share a third pipe, which
+the thread running an invocation drains while it waits for the reply; the
+marker the process writes at the end of each invocation separates one
+invocation's output from the next.
 
 The worker decides every verdict itself: the duration on its own clock, the
 timeout, the size caps. Whatever the process writes can at worst mangle the
@@ -56,8 +57,8 @@ INTERPRETER_ALLOWANCE_BYTES = 32 * MIB
 MAX_REPLY_HEADER_BYTES = MIB
 
 # How long to wait for the end-of-output marker once the reply is in. The
-# process writes the marker before the reply, so only the drain thread's
-# scheduling stands between them.
+# process writes the marker before the reply, so it is normally in the pipe
+# already.
 MARKER_WAIT_S = 2.0
 
 # How long a process whose reply pipe closed gets to finish exiting, so that
@@ -135,82 +136,103 @@ class _BadReply(Exception):
         self.error = {"type": error_type, "message": message, "traceback": ""}
 
 
-class _OutputPump:
-    """Drains a process's output pipe and cuts it into invocations at markers."""
+class _Output:
+    """A process's output pipe, cut into invocations at their markers.
 
-    def __init__(self, fd: int, max_log_bytes: int, name: str) -> None:
-        self._fd = fd
+    No thread of its own reads it: the thread running an invocation drains
+    it while it waits for the reply, so a process that prints much never
+    blocks, and reading costs no extra wake-up per invocation. What arrives
+    between invocations waits in the pipe and goes to the next one.
+    """
+
+    def __init__(self, fd: int, max_log_bytes: int) -> None:
+        self.fd = fd
+        self.eof = False
         self._max_log_bytes = max_log_bytes
-        self._cond = threading.Condition()
         self._kept = bytearray()
         self._dropped_bytes = 0
         self._marker = b""
         self._held = b""
         self._finished: tuple[bytes, int] | None = None
-        self._eof = False
-        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
-        self._thread.start()
+        self._readable = select.poll()
+        self._readable.register(fd, select.POLLIN)
 
     def expect(self, marker: bytes) -> None:
         """Start an invocation whose output ends where ``marker`` appears."""
-        with self._cond:
-            self._marker = marker
-            self._finished = None
+        self._marker = marker
+        self._finished = None
+
+    def read_available(self) -> None:
+        """Take in what the pipe holds now, without waiting for more.
+
+        Stops after MAX_READ_BYTES, so that a process printing as fast as it
+        is read cannot hold the caller past its deadline.
+        """
+        taken = 0
+        while not self.eof and taken < MAX_READ_BYTES:
+            try:
+                chunk = os.read(self.fd, READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.eof = True
+                return
+            taken += len(chunk)
+            self._feed(chunk)
 
     def wait_marker(self, timeout_s: float) -> bool:
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._finished is not None or self._eof, timeout_s
-            )
-            return self._finished is not None
+        """Read until the current invocation's marker; False if it never came."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            self.read_available()
+            if self._finished is not None:
+                return True
+            remaining_s = deadline_s - time.monotonic()
+            if self.eof or remaining_s <= 0:
+                return False
+            self._readable.poll(math.ceil(remaining_s * 1000))
 
-    def wait_eof(self, timeout_s: float) -> None:
-        self._thread.join(timeout_s)
+    def read_to_end(self, timeout_s: float) -> None:
+        """Read until the pipe closes, for a process that was killed."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            self.read_available()
+            remaining_s = deadline_s - time.monotonic()
+            if self.eof or remaining_s <= 0:
+                return
+            self._readable.poll(math.ceil(remaining_s * 1000))
 
     def collect(self) -> tuple[str, bool]:
         """The current invocation's output as text, and whether it was cut."""
-        with self._cond:
-            finished = self._finished
-            if finished is None:
-                # No marker came: all that arrived belongs to this invocation.
-                self._keep(self._held)
-                finished = self._finish()
-            self._finished = None
+        finished = self._finished
+        if finished is None:
+            # No marker came: all that arrived belongs to this invocation.
+            self._keep(self._held)
+            finished = self._finish()
+        self._finished = None
         data, dropped_bytes = finished
         return data.decode("utf-8", "replace"), dropped_bytes > 0
 
-    def _drain(self) -> None:
-        try:
-            while chunk := os.read(self._fd, READ_CHUNK_BYTES):
-                self._feed(chunk)
-        finally:
-            os.close(self._fd)
-            with self._cond:
-                self._eof = True
-                self._cond.notify_all()
-
     def _feed(self, chunk: bytes) -> None:
-        with self._cond:
-            if not self._marker:
-                # Between invocations: it goes to the next one.
-                self._keep(chunk)
-                return
+        if not self._marker:
+            # Between invocations, or past the marker: it goes to the next one.
+            self._keep(chunk)
+            return
 
-            data = self._held + chunk
-            at = data.find(self._marker)
-            if at < 0:
-                # The last bytes may be the start of a marker split across
-                # two reads: hold them back until the next read.
-                cut = max(0, len(data) - len(self._marker) + 1)
-                self._keep(data[:cut])
-                self._held = data[cut:]
-                return
+        data = self._held + chunk
+        at = data.find(self._marker)
+        if at < 0:
+            # The last bytes may be the start of a marker split across two
+            # reads: hold them back until the next read.
+            cut = max(0, len(data) - len(self._marker) + 1)
+            self._keep(data[:cut])
+            self._held = data[cut:]
+            return
 
-            end = at + len(self._marker)
-            self._keep(data[:at])
-            self._finish()
-            self._keep(data[end:])
-            self._cond.notify_all()
+        end = at + len(self._marker)
+        self._keep(data[:at])
+        self._finish()
+        self._keep(data[end:])
 
     def _finish(self) -> tuple[bytes, int]:
         self._finished = (bytes(self._kept), self._dropped_bytes)
@@ -238,7 +260,7 @@ class _WarmProcess:
         popen: subprocess.Popen[bytes],
         request_fd: int,
         reply_fd: int,
-        pump: _OutputPump,
+        output: _Output,
         workdir: str,
         max_result_bytes: int,
     ) -> None:
@@ -250,13 +272,14 @@ class _WarmProcess:
         self._popen = popen
         self._request_fd = request_fd
         self._reply_fd = reply_fd
-        self._pump = pump
+        self._output = output
         self._workdir = workdir
         self._max_result_bytes = max_result_bytes
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._readable = select.poll()
         self._readable.register(reply_fd, select.POLLIN)
+        self._readable.register(output.fd, select.POLLIN)
 
         # Sent with the first request, under that invocation's timeout.
         init = {"name": function.name, "entrypoint": function.entrypoint}
@@ -273,7 +296,7 @@ class _WarmProcess:
         request = bootstrap.encode_frame(
             {"id": invocation_id, "marker": marker}, payload
         )
-        self._pump.expect(marker.encode())
+        self._output.expect(marker.encode())
         started_s = time.monotonic()
         deadline_s = started_s + function.timeout_s
         try:
@@ -319,10 +342,10 @@ class _WarmProcess:
         if self._buffer:
             # More bytes than one reply: replies are out of step from here on.
             self.retired = True
-        if not self._pump.wait_marker(MARKER_WAIT_S):
+        if not self._output.wait_marker(MARKER_WAIT_S):
             # Late output would land in the next invocation's logs.
             self.retired = True
-        outcome.logs, outcome.logs_truncated = self._pump.collect()
+        outcome.logs, outcome.logs_truncated = self._output.collect()
 
     def terminate(self) -> None:
         """Kill the process and everything in its group, and reap it."""
@@ -346,15 +369,15 @@ class _WarmProcess:
         self.terminate()
         os.close(self._request_fd)
         os.close(self._reply_fd)
-        self._pump.wait_eof(DRAIN_WAIT_S)
+        os.close(self._output.fd)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _broken(self, status: State, started_s: float, error: dict) -> Outcome:
         duration_ms = _elapsed_ms(started_s)
         self.retired = True
         self.terminate()
-        self._pump.wait_eof(DRAIN_WAIT_S)
-        logs, truncated = self._pump.collect()
+        self._output.read_to_end(DRAIN_WAIT_S)
+        logs, truncated = self._output.collect()
         return Outcome(
             status=status,
             error=error,
@@ -393,12 +416,22 @@ class _WarmProcess:
         return frame[:header_bytes], frame[header_bytes:]
 
     def _read_exact(self, size: int, deadline_s: float) -> bytes:
+        """Read from the reply pipe, draining the output pipe meanwhile."""
+        output = self._output
         while len(self._buffer) < size:
             remaining_s = deadline_s - time.monotonic()
-            if remaining_s <= 0 or not self._readable.poll(
-                math.ceil(remaining_s * 1000)
-            ):
+            if remaining_s <= 0:
                 raise _Deadline
+            events = self._readable.poll(math.ceil(remaining_s * 1000))
+            if not events:
+                raise _Deadline
+            if any(fd == output.fd for fd, _ in events):
+                output.read_available()
+                if output.eof:
+                    # A closed pipe polls as ready for ever.
+                    self._readable.unregister(output.fd)
+            if not any(fd == self._reply_fd for fd, _ in events):
+                continue
             want = min(max(size - len(self._buffer), READ_CHUNK_BYTES), MAX_READ_BYTES)
             try:
                 chunk = os.read(self._reply_fd, want)
@@ -687,13 +720,13 @@ class ProcessExecutor(Executor):
 
         for fd in (request_r, reply_w, output_w):
             os.close(fd)
-        os.set_blocking(request_w, False)
-        os.set_blocking(reply_r, False)
+        for fd in (request_w, reply_r, output_r):
+            os.set_blocking(fd, False)
         _grow_pipe(reply_r)
-        pump_name = f"conveyor-output-{popen.pid}"
-        pump = _OutputPump(output_r, self._max_log_bytes, pump_name)
+        _grow_pipe(output_r)
+        output = _Output(output_r, self._max_log_bytes)
         return _WarmProcess(
-            function, popen, request_w, reply_r, pump, workdir, self._max_result_bytes
+            function, popen, request_w, reply_r, output, workdir, self._max_result_bytes
         )
 
     def _reap_idle(self) -> None:
