@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,36 @@ from functions import source  # noqa: E402
 from tests.harness import ApiClient, platform  # noqa: E402
 
 WARM_UP_CALLS = 50
+
+#: Servers whose CPU time counts too, by process name.
+SERVERS = ("beam.smp", "redis-server")
+LABELS = {"beam.smp": "RabbitMQ", "redis-server": "Redis"}
+
+
+def wake_round_trip_us(rounds: int = 2000) -> float:
+    """Two threads waking each other in turn: the machine's latency floor.
+
+    Every hop of an invocation pays such wake-ups, and on a shared virtual
+    machine they drift, so the figure is printed beside the results.
+    """
+    ping, pong = threading.Event(), threading.Event()
+
+    def answer() -> None:
+        for _ in range(rounds):
+            ping.wait()
+            ping.clear()
+            pong.set()
+
+    peer = threading.Thread(target=answer)
+    peer.start()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        ping.set()
+        pong.wait()
+        pong.clear()
+    elapsed_s = time.perf_counter() - started
+    peer.join()
+    return elapsed_s / rounds * 1e6
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -127,6 +158,43 @@ def async_throughput(
     return submitted_s, time.perf_counter() - started
 
 
+def cpu_seconds(roots: set[int], servers: tuple[str, ...]) -> dict[str, float]:
+    """CPU time used so far by the processes under ``roots``, and by servers.
+
+    Read from /proc, so it counts live processes only (warm executors and
+    gateway workers stay alive through a run); empty where there is no /proc.
+    """
+    if not os.path.isdir("/proc"):
+        return {}
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    usage: dict[int, float] = {}
+    names: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        pid = int(entry)
+        names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[pid] = int(fields[1])
+        usage[pid] = (int(fields[11]) + int(fields[12])) * tick_s
+
+    totals = dict.fromkeys(("platform", *servers), 0.0)
+    for pid, used_s in usage.items():
+        ancestor = pid
+        while ancestor > 1 and ancestor not in roots:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor in roots:
+            totals["platform"] += used_s
+        elif names[pid] in servers:
+            totals[names[pid]] += used_s
+    return totals
+
+
 def count_succeeded(client: ApiClient) -> int:
     count, cursor = 0, None
     while True:
@@ -152,6 +220,7 @@ def main() -> int:
     parser.add_argument("--runtimes", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--bundle-size", type=int, default=8)
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
 
     backends = (
@@ -163,7 +232,7 @@ def main() -> int:
         }
     )
     backends.update(
-        CONVEYOR_LOG_LEVEL="WARNING",
+        CONVEYOR_LOG_LEVEL=args.log_level,
         CONVEYOR_CONCURRENCY=str(args.concurrency),
         CONVEYOR_BUNDLE_SIZE=str(args.bundle_size),
     )
@@ -182,9 +251,12 @@ def main() -> int:
         key = client.session.headers["Authorization"][7:]
         sync_round_trips(running.url, key, WARM_UP_CALLS)
         timings_ms = sync_round_trips(running.url, key, args.sync)
+        roots = {process.pid for process in running.processes.values()}
+        cpu_before = cpu_seconds(roots, SERVERS)
         submitted_s, finished_s = async_throughput(
             running.url, key, args.total, args.batch, args.threads
         )
+        cpu_after = cpu_seconds(roots, SERVERS)
         succeeded = count_succeeded(client)
 
     expected = args.total + args.sync + WARM_UP_CALLS
@@ -192,6 +264,7 @@ def main() -> int:
         print(f"bench: expected {expected} succeeded invocations, found {succeeded}")
         return 1
     kind = "embedded twins" if args.embedded else "RabbitMQ + Redis"
+    print(f"machine: a thread wake-up round trip takes {wake_round_trip_us():.0f} µs")
     print(
         f"backends: {kind}, store SQLite, {args.runtimes} runtime(s), "
         f"bundles of {args.bundle_size}"
@@ -208,6 +281,18 @@ def main() -> int:
         f"p99 {percentile(timings_ms, 0.99):.2f} ms, "
         f"mean {statistics.fmean(timings_ms):.2f} ms"
     )
+    if cpu_after:
+        used_ms = {
+            name: (cpu_after[name] - cpu_before[name]) * 1000 / args.total
+            for name in cpu_after
+        }
+        servers = ", ".join(
+            f"{LABELS[name]} {used_ms[name]:.2f} ms" for name in SERVERS
+        )
+        print(
+            f"CPU per async invocation: Conveyor's processes "
+            f"{used_ms['platform']:.2f} ms, {servers}"
+        )
     print(
         f"cold start (first call of a new function, end to end): "
         f"median {statistics.median(cold_ms):.1f} ms, max {max(cold_ms):.1f} ms"

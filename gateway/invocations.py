@@ -187,6 +187,7 @@ class InvocationsApi:
                 except BackendUnavailable:
                     continue
                 if finished.status.terminal:
+                    _log_queued(fresh)
                     return finished
         self._confirm(fresh, publication)
         remaining_s = max(deadline_s - time.monotonic(), 0.0)
@@ -228,20 +229,7 @@ class InvocationsApi:
                 ) from exc
             raise
 
-        if logger.isEnabledFor(logging.DEBUG):
-            for invocation, _ in fresh:
-                logger.debug(
-                    "invocation %s of %s version %d queued",
-                    invocation.id,
-                    invocation.function,
-                    invocation.version,
-                    extra={
-                        "invocation_id": invocation.id,
-                        "function": invocation.function,
-                        "version": invocation.version,
-                        "tenant": invocation.tenant,
-                    },
-                )
+        _log_queued(fresh)
 
     def _fail_unpublished(self, invocations: list[Invocation], exc: Exception) -> None:
         """Mark invocations the broker did not confirm as failed, not queued."""
@@ -410,6 +398,24 @@ class InvocationsApi:
                 exc,
                 extra={"invocation_id": invocation.id, "tenant": invocation.tenant},
             )
+
+
+def _log_queued(fresh: Sequence[tuple[Invocation, bytes]]) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    for invocation, _ in fresh:
+        logger.info(
+            "invocation %s of %s version %d queued",
+            invocation.id,
+            invocation.function,
+            invocation.version,
+            extra={
+                "invocation_id": invocation.id,
+                "function": invocation.function,
+                "version": invocation.version,
+                "tenant": invocation.tenant,
+            },
+        )
 
 
 def _draft(function: FunctionVersion, idempotency_key: str | None) -> Invocation:

@@ -346,18 +346,19 @@ def test_one_access_log_line_per_request(
     assert line.duration_ms >= 0  # type: ignore[attr-defined]
 
 
-def test_queued_invocations_are_logged_at_debug(
+def test_queued_invocations_are_logged_one_line_each(
     client: FlaskClient,
     admin: dict[str, str],
     deployed: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="gateway")
+    caplog.set_level(logging.INFO, logger="gateway")
     invocation_id = invoke(client, admin).json["id"]
 
     queued = [r for r in caplog.records if getattr(r, "invocation_id", None)]
     assert len(queued) == 1
-    assert queued[0].levelno == logging.DEBUG
+    assert queued[0].levelno == logging.INFO
+    assert queued[0].getMessage().endswith("queued")
     assert queued[0].invocation_id == invocation_id  # type: ignore[attr-defined]
     assert queued[0].function == "add"  # type: ignore[attr-defined]
     assert queued[0].version == 1  # type: ignore[attr-defined]
@@ -1064,7 +1065,9 @@ def test_prefer_wait_answers_with_the_outcome_before_the_confirm(
     store: SQLiteStore,
     admin: dict[str, str],
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
     broker = LateConfirmBroker(str(tmp_path / "late.sqlite3"))
     cache = SharedMemoryCache()
     app = create_app(settings, store=store, broker=broker, cache=cache)
@@ -1080,6 +1083,8 @@ def test_prefer_wait_answers_with_the_outcome_before_the_confirm(
     assert answer.status_code == 200
     assert answer.json["result"] == 2
     assert broker.pending and not broker.pending[0].done()
+    queued = [r for r in caplog.records if r.getMessage().endswith("queued")]
+    assert [r.invocation_id for r in queued] == [answer.json["id"]]  # type: ignore[attr-defined]
     broker.confirm_all()
     broker.close()
 
