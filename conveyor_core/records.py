@@ -135,6 +135,9 @@ class FunctionVersion:
     memory_mb: int
     env: dict[str, str]
     created_at: float
+    #: "source": ``source`` is Python source defining ``entrypoint``;
+    #: "pickle": ``source`` is the base64 of a pickled callable.
+    kind: str = "source"
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -145,6 +148,7 @@ class FunctionVersion:
             "name": self.name,
             "version": self.version,
             "entrypoint": self.entrypoint,
+            "kind": self.kind,
             "timeout_s": self.timeout_s,
             "memory_mb": self.memory_mb,
             "env": sorted(self.env),

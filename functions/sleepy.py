@@ -2,7 +2,10 @@
 
 import time
 
+from conveyor import task
 
+
+@task(timeout_s=30)
 def sleepy(seconds: float = 1.0) -> float:
     print(f"sleeping {seconds} s", flush=True)
     started = time.monotonic()

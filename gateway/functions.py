@@ -50,6 +50,7 @@ class FunctionsApi:
             memory_mb=spec.memory_mb,
             env=spec.env,
             created_at=time.time(),
+            kind=spec.kind,
         )
         function = self.backends.store.add_function_version(draft)
 

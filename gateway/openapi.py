@@ -151,13 +151,23 @@ def _schemas(settings: Settings) -> Doc:
         "FunctionUpload": {
             "type": "object",
             "additionalProperties": False,
-            "required": ["name", "source"],
+            "required": ["name"],
+            "oneOf": [{"required": ["source"]}, {"required": ["pickle"]}],
             "properties": {
                 "name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,62}$"},
                 "source": {
                     "type": "string",
                     "minLength": 1,
                     "description": "Python source defining the entry point.",
+                },
+                "pickle": {
+                    "type": "string",
+                    "minLength": 1,
+                    "contentEncoding": "base64",
+                    "description": (
+                        "A pickled callable (cloudpickle), base64; unpickled "
+                        "only inside the function's process."
+                    ),
                 },
                 "entrypoint": {
                     "type": "string",
@@ -193,6 +203,7 @@ def _schemas(settings: Settings) -> Doc:
                 "name": {"type": "string"},
                 "version": {"type": "integer"},
                 "entrypoint": {"type": "string"},
+                "kind": {"type": "string", "enum": ["source", "pickle"]},
                 "timeout_s": {"type": "number"},
                 "memory_mb": {"type": "integer"},
                 "env": {

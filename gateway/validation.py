@@ -7,6 +7,8 @@ what is accepted instead.
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import keyword
 import math
 import re
@@ -51,7 +53,7 @@ ASSIGNED_FIELDS = frozenset(
     }
 )
 FUNCTION_FIELDS = frozenset(
-    {"name", "source", "entrypoint", "timeout_s", "memory_mb", "env"}
+    {"name", "source", "pickle", "entrypoint", "timeout_s", "memory_mb", "env"}
 )
 CALL_FIELDS = frozenset({"args", "kwargs"})
 BATCH_FIELDS = frozenset({"items"})
@@ -175,6 +177,7 @@ class FunctionSpec:
     timeout_s: float
     memory_mb: int
     env: dict[str, str]
+    kind: str = "source"
 
 
 def parse_function(doc: dict[str, Any], settings: Settings) -> FunctionSpec:
@@ -184,6 +187,25 @@ def parse_function(doc: dict[str, Any], settings: Settings) -> FunctionSpec:
         raise BadRequest(
             "'name' must be 1 to 63 letters, digits, '_' or '-', starting with a "
             f"letter; got {show(name)}"
+        )
+
+    common = {
+        "name": name,
+        "timeout_s": _timeout_s(doc.get("timeout_s"), settings),
+        "memory_mb": _memory_mb(doc.get("memory_mb"), settings),
+        "env": _env(doc.get("env")),
+    }
+    if "pickle" in doc:
+        if "source" in doc:
+            raise BadRequest(
+                "send either 'source' (Python source) or 'pickle' (a pickled "
+                "function, base64), not both"
+            )
+        return FunctionSpec(
+            source=_pickle(doc["pickle"]),
+            entrypoint=_pickled_entrypoint(doc.get("entrypoint"), name),
+            kind="pickle",
+            **common,
         )
 
     source = doc.get("source")
@@ -196,14 +218,39 @@ def parse_function(doc: dict[str, Any], settings: Settings) -> FunctionSpec:
 
     entrypoint = _entrypoint(doc.get("entrypoint"), name)
     check_source(source, entrypoint, name)
-    return FunctionSpec(
-        name=name,
-        source=source,
-        entrypoint=entrypoint,
-        timeout_s=_timeout_s(doc.get("timeout_s"), settings),
-        memory_mb=_memory_mb(doc.get("memory_mb"), settings),
-        env=_env(doc.get("env")),
-    )
+    return FunctionSpec(source=source, entrypoint=entrypoint, **common)
+
+
+def _pickle(value: Any) -> str:
+    """The base64 text of a pickled function, checked as base64 only.
+
+    The gateway never unpickles: only the function's own process does.
+    """
+    if not isinstance(value, str) or not value:
+        raise BadRequest(
+            "'pickle' must be a non-empty base64 string of a pickled function; "
+            f"got a JSON {json_type(value)}"
+        )
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(
+            "'pickle' is not valid base64; send the pickled function's bytes "
+            "base64-encoded"
+        ) from None
+    return value
+
+
+def _pickled_entrypoint(value: Any, name: str) -> str:
+    """A pickled function is called as it is; the entrypoint only describes it."""
+    if value is None:
+        return name
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise BadRequest(
+            "'entrypoint' must be a short string naming the function; got "
+            + show(value)
+        )
+    return value
 
 
 def _entrypoint(value: Any, name: str) -> str:

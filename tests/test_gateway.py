@@ -6,6 +6,7 @@ record through ``start_attempt``/``finish_attempt`` and puts it in the cache.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -677,6 +678,41 @@ def test_bad_function_uploads_are_400(
     answer = client.post("/v1/functions", json=upload, headers=admin)
     assert answer.status_code == 400, answer.json
     assert error_code(answer) == "bad_request"
+    assert fragment in answer.json["error"]["message"]
+
+
+def test_a_pickled_function_is_kept_without_being_unpickled(
+    client: FlaskClient, admin: dict[str, str], store: SQLiteStore
+) -> None:
+    # Unpickling this would run os.system; the gateway only checks base64.
+    bomb = base64.b64encode(b"cos\nsystem\n(S'touch /tmp/conveyor-pwned'\ntR.")
+    upload = {"name": "by-value", "pickle": bomb.decode(), "memory_mb": 128}
+    answer = client.post("/v1/functions", json=upload, headers=admin)
+    assert answer.status_code == 201, answer.json
+
+    described = client.get("/v1/functions/by-value", headers=admin).json
+    assert described["kind"] == "pickle"
+    assert described["entrypoint"] == "by-value"
+    kept = store.get_function("acme", "by-value")
+    assert (kept.kind, kept.source) == ("pickle", bomb.decode())
+    assert not Path("/tmp/conveyor-pwned").exists()
+
+
+@pytest.mark.parametrize(
+    ("upload", "fragment"),
+    [
+        ({"pickle": "", "name": "f"}, "'pickle'"),
+        ({"pickle": 5, "name": "f"}, "'pickle'"),
+        ({"pickle": "not base64!", "name": "f"}, "not valid base64"),
+        ({"pickle": "gAN9cQAu", "source": ADD_SOURCE, "name": "f"}, "not both"),
+        ({"pickle": "gAN9cQAu", "name": "f", "entrypoint": 3}, "'entrypoint'"),
+    ],
+)
+def test_bad_pickled_uploads_are_400(
+    client: FlaskClient, admin: dict[str, str], upload: dict[str, Any], fragment: str
+) -> None:
+    answer = client.post("/v1/functions", json=upload, headers=admin)
+    assert answer.status_code == 400, answer.json
     assert fragment in answer.json["error"]["message"]
 
 

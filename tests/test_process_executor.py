@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
+import pickle
 import textwrap
 import threading
 import time
@@ -110,8 +113,8 @@ def test_limits_are_set_before_the_function_runs(executor):
         import resource
 
         LIMITS = [
-            resource.getrlimit(resource.RLIMIT_AS),
-            resource.getrlimit(resource.RLIMIT_CORE),
+            list(resource.getrlimit(resource.RLIMIT_AS)),
+            list(resource.getrlimit(resource.RLIMIT_CORE)),
         ]
 
         def main():
@@ -274,14 +277,93 @@ def test_async_function_is_awaited(executor):
     assert outcome.result == {"value": "done"}
 
 
-def test_unserialisable_result_is_a_type_error(executor):
-    fn = function("def main():\n    return {1, 2}\n")
+def test_a_result_beyond_json_travels_pickled(executor):
+    fn = function(
+        """
+        import datetime
+        from dataclasses import dataclass
+
+        @dataclass
+        class Point:
+            x: int
+            y: int
+
+        def main(kind):
+            if kind == "tuple":
+                return (1, "two")
+            if kind == "set":
+                return {1, 2}
+            if kind == "point":
+                return Point(1, 2)
+            return datetime.date(2026, 12, 3)
+        """
+    )
+
+    results = {}
+    for kind in ("tuple", "set", "point", "date"):
+        outcome = executor.run(fn, payload(kind), f"inv-{kind}")
+        assert outcome.status is State.SUCCEEDED, outcome.error
+        assert set(outcome.result) == {"__conveyor_pickle__"}
+        results[kind] = pickle.loads(
+            base64.b64decode(outcome.result["__conveyor_pickle__"])
+        )
+
+    assert results["tuple"] == (1, "two")
+    assert results["set"] == {1, 2}
+    assert (results["point"].x, results["point"].y) == (1, 2)
+    assert results["date"] == datetime.date(2026, 12, 3)
+
+
+def test_a_result_neither_json_nor_picklable_is_a_type_error(executor):
+    fn = function("def main():\n    return (x for x in range(3))\n")
 
     outcome = executor.run(fn, payload(), "inv-1")
 
     assert outcome.status is State.FAILED
     assert outcome.error["type"] == "TypeError"
-    assert "not JSON-serialisable" in outcome.error["message"]
+    assert "neither plain JSON nor picklable" in outcome.error["message"]
+
+
+def test_pickled_arguments_and_a_pickled_function_run_inside(executor):
+    import cloudpickle
+
+    def shift(when, by=None):
+        return when + by
+
+    fn = function("", entrypoint="shift")
+    fn.kind = "pickle"
+    fn.source = base64.b64encode(cloudpickle.dumps(shift)).decode()
+    args = {
+        "args": [_pickled(datetime.date(2026, 12, 3))],
+        "kwargs": {"by": _pickled(datetime.timedelta(days=1))},
+    }
+
+    outcome = executor.run(fn, json.dumps(args).encode(), "inv-1")
+
+    assert outcome.status is State.SUCCEEDED, outcome.error
+    result = pickle.loads(base64.b64decode(outcome.result["__conveyor_pickle__"]))
+    assert result == datetime.date(2026, 12, 4)
+
+
+def test_an_error_in_a_pickled_function_shows_its_own_frames(executor):
+    import cloudpickle
+
+    def explode(n):
+        return 1 // n
+
+    fn = function("", entrypoint="explode")
+    fn.kind = "pickle"
+    fn.source = base64.b64encode(cloudpickle.dumps(explode)).decode()
+
+    outcome = executor.run(fn, payload(0), "inv-1")
+
+    assert outcome.error["type"] == "ZeroDivisionError"
+    assert "in explode" in outcome.error["traceback"]
+    assert "bootstrap" not in outcome.error["traceback"]
+
+
+def _pickled(value):
+    return {"__conveyor_pickle__": base64.b64encode(pickle.dumps(value)).decode()}
 
 
 def test_timeout_kills_the_process_and_the_next_call_starts_fresh(executor):

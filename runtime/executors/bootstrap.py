@@ -1,6 +1,7 @@
 """The program each warm process runs: load one function, then serve its calls.
 
-It is started as ``python -I -S bootstrap.py REQUEST_FD REPLY_FD`` and imports
+It is started as ``python -I -S bootstrap.py REQUEST_FD REPLY_FD [PATHS]``,
+PATHS being more import directories joined by os.pathsep, and imports
 nothing outside the standard library, so it runs unchanged inside a sandbox
 with a read-only tree. The worker imports it only for the protocol constants.
 
@@ -8,8 +9,10 @@ Every message on the two pipes is a frame: an 8-byte prefix holding the
 lengths of a JSON header and of a body (two big-endian uint32), then the
 header, then the body.
 
-- The first request is the init frame: ``{"name", "entrypoint"}`` with the
-  source as body. The worker sends it only after it has set the process's
+- The first request is the init frame: ``{"name", "entrypoint", "kind"}``
+  with the function as body: Python source for kind ``source`` (loaded as a
+  module whose ``entrypoint`` is called), or a pickled callable for kind
+  ``pickle``. The worker sends it only after it has set the process's
   resource limits, so no code of the function ever runs without them.
 - Each further request is ``{"id", "marker"}`` with the JSON payload
   ``{"args": [...], "kwargs": {...}}`` as body.
@@ -18,6 +21,12 @@ header, then the body.
   empty body. Before replying, the process flushes its output and writes the
   request's marker to fd 1, which tells the worker where that invocation's
   output ends.
+
+Values that JSON cannot carry exactly travel pickled: an argument, or the
+result, of ``{"__conveyor_pickle__": "<base64>"}`` is the pickle in it. Such
+bytes are only ever unpickled here, inside the function's process. Plain JSON
+is a dict with string keys, a list, a string, a finite number, a boolean or
+None, nested; anything else, a tuple included, is pickled.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ _reserve: list[bytearray] = []
 
 MODULE_NAME = "conveyor_function"
 
+PICKLE_KEY = "__conveyor_pickle__"
+
 
 def encode_frame(header: dict, body: bytes = b"") -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -59,13 +70,16 @@ def decode_prefix(prefix: bytes) -> tuple[int, int]:
 class Function:
     """The loaded entrypoint of one function version, or why it failed to load."""
 
-    def __init__(self, name: str, entrypoint: str, source: str) -> None:
+    def __init__(self, name: str, entrypoint: str, kind: str, body: bytes) -> None:
         self.filename = f"<{name}>.py"
-        self.source = source
+        self.source = body.decode("utf-8", "surrogatepass") if kind == "source" else ""
         self.call: Callable[..., object] | None = None
         self.load_error: dict | None = None
         try:
-            self.call = self._load(entrypoint)
+            if kind == "pickle":
+                self.call = self._unpickle(body)
+            else:
+                self.call = self._load(entrypoint)
         except BaseException as exc:
             # Whatever the source raises, SystemExit included, is the
             # function's failure and the answer to each of its invocations.
@@ -80,6 +94,15 @@ class Function:
         sys.modules[MODULE_NAME] = module
         exec(code, module.__dict__)
 
+        try:
+            # Instances of the module's classes are then pickled with their
+            # class, which the caller's side cannot import by name.
+            import cloudpickle
+
+            cloudpickle.register_pickle_by_value(module)
+        except ImportError:
+            pass
+
         call = module.__dict__.get(entrypoint)
         if call is None:
             raise EntrypointNotFound(
@@ -92,6 +115,56 @@ class Function:
                 "the entrypoint must name a function"
             )
         return call
+
+    @staticmethod
+    def _unpickle(body: bytes) -> Callable[..., object]:
+        call = unpickle(body)
+        if not callable(call):
+            raise EntrypointNotFound(
+                f"the pickled function is a {type(call).__name__}, not a function"
+            )
+        return call
+
+
+def unpickle(data: bytes) -> object:
+    import pickle
+
+    try:
+        # Pickles of functions and classes defined by value refer to it.
+        import cloudpickle  # noqa: F401
+    except ImportError:
+        pass
+    return pickle.loads(data)
+
+
+def decode_value(value: object) -> object:
+    """The value an argument stands for: itself, or what its pickle holds."""
+    if isinstance(value, dict) and len(value) == 1 and PICKLE_KEY in value:
+        import base64
+
+        data = value[PICKLE_KEY]
+        if not isinstance(data, str):
+            raise TypeError(f"{PICKLE_KEY} must hold a base64 string")
+        return unpickle(base64.b64decode(data, validate=True))
+    return value
+
+
+def is_plain_json(value: object, depth: int = 0) -> bool:
+    """Whether JSON carries the value exactly (see the module's docstring)."""
+    if depth > 100:
+        return False
+    if value is None or isinstance(value, (str, bool, int)):
+        return type(value) in (str, bool, int, type(None))
+    if type(value) is float:
+        return value == value and value not in (float("inf"), float("-inf"))
+    if type(value) is list:
+        return all(is_plain_json(item, depth + 1) for item in value)
+    if type(value) is dict:
+        return all(
+            type(key) is str and is_plain_json(item, depth + 1)
+            for key, item in value.items()
+        )
+    return False
 
 
 class EntrypointNotFound(Exception):
@@ -107,7 +180,7 @@ def describe(exc: BaseException, function: Function) -> dict:
     # Frames of this program (and of asyncio) come before the user's first
     # frame; they say nothing to the function's author.
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename != function.filename:
+    while tb is not None and _is_platform_frame(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     return {
@@ -117,11 +190,19 @@ def describe(exc: BaseException, function: Function) -> dict:
     }
 
 
+def _is_platform_frame(filename: str) -> bool:
+    if filename == __file__ or filename.startswith("<frozen "):
+        return True
+    return os.sep + "asyncio" + os.sep in filename
+
+
 def _register_source(function: Function) -> None:
     # The source is no file on disk; without this the traceback shows line
     # numbers but not the lines themselves.
     import linecache
 
+    if not function.source:
+        return
     lines = function.source.splitlines(keepends=True)
     linecache.cache[function.filename] = (
         len(function.source),
@@ -162,6 +243,8 @@ def invoke(function: Function, payload: bytes) -> tuple[dict, bytes]:
                 "the payload must be a JSON object with a list 'args' and an "
                 f"object 'kwargs', got {payload[:100]!r}"
             )
+        args = [decode_value(arg) for arg in args]
+        kwargs = {key: decode_value(arg) for key, arg in kwargs.items()}
         result = call(*args, **kwargs)
         # Checked on the returned value rather than on the function, so that
         # a decorated coroutine function is awaited as well.
@@ -178,17 +261,35 @@ def invoke(function: Function, payload: bytes) -> tuple[dict, bytes]:
 
 def _encode_result(result: object) -> tuple[dict, bytes]:
     try:
-        body = json.dumps(result, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
+        if is_plain_json(result):
+            body = json.dumps(result, separators=(",", ":"))
+        else:
+            body = json.dumps({PICKLE_KEY: _pickle(result)})
+    except Exception as exc:
         error = {
             "type": "TypeError",
             "message": _clip(
-                f"the function's result is not JSON-serialisable: {_message(exc)}"
+                "the function's result is neither plain JSON nor picklable: "
+                f"{type(exc).__name__}: {_message(exc)}"
             ),
             "traceback": "",
         }
         return {"ok": False, "error": error}, b""
     return {"ok": True}, body.encode()
+
+
+def _pickle(value: object) -> str:
+    import base64
+
+    try:
+        import cloudpickle
+
+        data = cloudpickle.dumps(value)
+    except ImportError:
+        import pickle
+
+        data = pickle.dumps(value)
+    return base64.b64encode(data).decode("ascii")
 
 
 def finish_output(fd: int, marker: bytes) -> None:
@@ -219,9 +320,9 @@ def serve(requests: io.BufferedReader, reply_fd: int) -> None:
     init = read_frame(requests)
     if init is None:
         return
-    header, source = init
+    header, body = init
     function = Function(
-        header["name"], header["entrypoint"], source.decode("utf-8", "surrogatepass")
+        header["name"], header["entrypoint"], header.get("kind", "source"), body
     )
     _reserve.append(bytearray(RESERVE_BYTES))
 
@@ -258,6 +359,11 @@ def main(argv: list[str]) -> int:
     request_fd, reply_fd = int(argv[1]), int(argv[2])
     sys.argv = [argv[0]]
     _add_site_packages()
+    # Where the worker found the SDK, for code that imports conveyor (its
+    # @task decorator) when it is not installed in site-packages.
+    for path in argv[3].split(os.pathsep) if len(argv) > 3 else ():
+        if path and path not in sys.path:
+            sys.path.append(path)
 
     # Line buffering keeps what the function prints on stdout and stderr in
     # the order it printed it, since both share one pipe.

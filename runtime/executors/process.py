@@ -15,7 +15,10 @@ invocation.
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import functools
+import importlib.util
 import json
 import logging
 import math
@@ -282,9 +285,17 @@ class _WarmProcess:
         self._readable.register(output.fd, select.POLLIN)
 
         # Sent with the first request, under that invocation's timeout.
-        init = {"name": function.name, "entrypoint": function.entrypoint}
-        source = function.source.encode("utf-8", "surrogatepass")
-        self._unsent = bootstrap.encode_frame(init, source)
+        init = {
+            "name": function.name,
+            "entrypoint": function.entrypoint,
+            "kind": function.kind,
+        }
+        if function.kind == "pickle":
+            # Only decoded from base64 here; unpickled inside the process.
+            body = base64.b64decode(function.source)
+        else:
+            body = function.source.encode("utf-8", "surrogatepass")
+        self._unsent = bootstrap.encode_frame(init, body)
 
     def alive(self) -> bool:
         return self._popen.returncode is None and not _has_exited(self.pid)
@@ -701,7 +712,7 @@ class ProcessExecutor(Executor):
             fds += (output_r, output_w)
             command = [self._python, "-I", "-S", BOOTSTRAP_PATH]
             popen = self._launcher.start(
-                [*command, str(request_r), str(reply_w)],
+                [*command, str(request_r), str(reply_w), _sdk_parent()],
                 env=_child_env(function, workdir),
                 cwd=workdir,
                 pass_fds=(request_r, reply_w),
@@ -814,6 +825,15 @@ def _timeout_error(function: FunctionVersion) -> dict[str, Any]:
         ),
         "traceback": "",
     }
+
+
+@functools.cache
+def _sdk_parent() -> str:
+    """The directory the ``conveyor`` SDK is imported from, or ""."""
+    spec = importlib.util.find_spec("conveyor")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
 
 
 def _child_env(function: FunctionVersion, workdir: str) -> dict[str, str]:
