@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
 
 from conveyor_core.settings import Settings
 from gateway.app import create_app
@@ -21,6 +22,17 @@ logger = logging.getLogger(__name__)
 #: Seconds a worker gets to finish its requests on shutdown, beyond the longest
 #: wait a client may ask for.
 SHUTDOWN_GRACE_S = 5
+
+
+class PlatformLogger(GunicornLogger):  # type: ignore[misc]
+    """Gunicorn's own messages through the platform's handlers (JSON lines)."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = True
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]
@@ -54,6 +66,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # The application logs one line per request on gateway.access itself.
         "accesslog": None,
         "loglevel": settings.log_level.lower(),
+        "logger_class": PlatformLogger,
         "proc_name": "conveyor-gateway",
         # Gunicorn 25+ opens a control socket at one fixed path per user, which
         # two gateways on one machine would fight over; nothing here uses it.

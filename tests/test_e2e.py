@@ -7,6 +7,7 @@ RabbitMQ and Redis of the machine.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -89,6 +90,11 @@ def test_server_prints_a_new_admin_key_once(tmp_path: Path) -> None:
         running.start("server-again", "server")
         running.wait_ready()
         assert "cvk_" not in running.log("server-again")
+
+        # Gunicorn's own lines included, every log line is one JSON object.
+        lines = running.log("server-again").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+        assert {"gunicorn.error", "runtime.worker"} <= {r["logger"] for r in records}
 
 
 def _submit_batch(client: ApiClient, name: str, items: list[dict]) -> list[str]:

@@ -378,7 +378,8 @@ def cmd_invoke(args: argparse.Namespace, out: Output) -> int:
     if record["status"] not in ("succeeded", "failed", "timed_out", "cancelled"):
         record = Invocation(record["id"], client).wait(args.timeout)
     result = result_of(record)
-    out.json(result if is_plain_json(result) else repr(result))
+    # One line, so that scripts can read it and people can see it whole.
+    out.line(json.dumps(result if is_plain_json(result) else repr(result)))
     return 0
 
 
@@ -443,6 +444,8 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     for name in fields:
         value = record.get(name)
         shown = out.status(str(value)) if name == "status" else value
+        if name == "duration_ms" and isinstance(value, (int, float)):
+            shown = f"{value:.1f}"
         out.line(f"{name.ljust(width)}  {'-' if value is None else shown}")
     if record.get("status") == "succeeded":
         out.line(f"{'result'.ljust(width)}  {json.dumps(record.get('result'))}")
