@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+
+from tests.harness import Platform, platform
 
 BROKER_URL = os.environ.get(
     "CONVEYOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -48,3 +51,20 @@ def rabbitmq_url() -> str:
 def redis_url() -> str:
     require_server("Redis", CACHE_URL)
     return CACHE_URL
+
+
+@pytest.fixture(scope="module", params=["embedded", "rabbitmq-redis"])
+def running(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    """``conveyor server`` on the embedded defaults, then on RabbitMQ and Redis,
+    shared by the tests of one module."""
+    env = {}
+    if request.param == "rabbitmq-redis":
+        require_server("RabbitMQ", BROKER_URL)
+        require_server("Redis", CACHE_URL)
+        env = {"CONVEYOR_BROKER_URL": BROKER_URL, "CONVEYOR_CACHE_URL": CACHE_URL}
+    with platform(tmp_path_factory.mktemp(request.param), env) as started:
+        started.start("server")
+        started.wait_ready()
+        yield started

@@ -8,15 +8,14 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from functions import FOLDER
-from tests.conftest import BROKER_URL, CACHE_URL, require_server
-from tests.harness import ADMIN_KEY, Platform, free_port, platform
+from tests.harness import ADMIN_KEY, Platform, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +28,6 @@ class Ran:
 
     def json(self) -> object:
         return json.loads(self.out)
-
-
-@pytest.fixture(scope="module", params=["embedded", "rabbitmq-redis"])
-def running(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Platform]:
-    env = {}
-    if request.param == "rabbitmq-redis":
-        require_server("RabbitMQ", BROKER_URL)
-        require_server("Redis", CACHE_URL)
-        env = {"CONVEYOR_BROKER_URL": BROKER_URL, "CONVEYOR_CACHE_URL": CACHE_URL}
-    with platform(tmp_path_factory.mktemp(request.param), env) as started:
-        started.start("server")
-        started.wait_ready()
-        yield started
 
 
 @pytest.fixture
@@ -219,6 +203,13 @@ def test_timeouts_are_reported(logged_in: Path) -> None:
     ran = conveyor("invoke", "sleepy", "3", home=logged_in)
     assert ran.code == 1
     assert "time limit" in ran.err
+
+    assert conveyor("deploy", str(FOLDER / "sleepy.py"), home=logged_in).code == 0
+    started = time.monotonic()
+    ran = conveyor("invoke", "sleepy", "5", "--timeout", "0.5", home=logged_in)
+    assert ran.code == 1
+    assert "did not finish within 0.5 s" in ran.err
+    assert time.monotonic() - started < 4
 
 
 def test_removing_a_function(logged_in: Path, tmp_path: Path) -> None:

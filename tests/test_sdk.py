@@ -24,8 +24,7 @@ from functions.primes import primes
 from functions.sleepy import sleepy
 from functions.thumbnail import thumbnail
 from functions.wordcount import wordcount
-from tests.conftest import BROKER_URL, CACHE_URL, require_server
-from tests.harness import ADMIN_KEY, Platform, free_port, platform
+from tests.harness import ADMIN_KEY, Platform, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,21 +39,6 @@ class Reading:
 
 def scaled(value: float) -> float:
     return value * SCALE
-
-
-@pytest.fixture(scope="module", params=["embedded", "rabbitmq-redis"])
-def running(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Platform]:
-    env = {}
-    if request.param == "rabbitmq-redis":
-        require_server("RabbitMQ", BROKER_URL)
-        require_server("Redis", CACHE_URL)
-        env = {"CONVEYOR_BROKER_URL": BROKER_URL, "CONVEYOR_CACHE_URL": CACHE_URL}
-    with platform(tmp_path_factory.mktemp(request.param), env) as started:
-        started.start("server")
-        started.wait_ready()
-        yield started
 
 
 @pytest.fixture

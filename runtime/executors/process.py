@@ -317,7 +317,8 @@ class _WarmProcess:
             duration_ms = _elapsed_ms(started_s)
             outcome = _verdict(function, invocation_id, header, body)
         except _Deadline:
-            logger.warning(
+            # The worker logs the outcome; this says what was done about it.
+            logger.info(
                 "invocation %s of %s version %s timed out after %g s; killing "
                 "process %s",
                 invocation_id,

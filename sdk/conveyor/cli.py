@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
@@ -355,6 +356,7 @@ def _tasks_in(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def cmd_invoke(args: argparse.Namespace, out: Output) -> int:
+    from conveyor.errors import InvocationTimeout
     from conveyor.serialization import is_plain_json
     from conveyor.task import Invocation, result_of
 
@@ -374,9 +376,21 @@ def cmd_invoke(args: argparse.Namespace, out: Output) -> int:
             out.line(record["id"])
         return 0
 
+    started = time.monotonic()
     record = client.invoke(args.name, positional, kwargs, wait_s=args.timeout or 50.0)
     if record["status"] not in ("succeeded", "failed", "timed_out", "cancelled"):
-        record = Invocation(record["id"], client).wait(args.timeout)
+        left = None
+        if args.timeout is not None:
+            left = max(0.0, args.timeout - (time.monotonic() - started))
+        try:
+            record = Invocation(record["id"], client).wait(left)
+        except InvocationTimeout:
+            raise InvocationTimeout(
+                f"invocation {record['id']} did not finish within "
+                f"{args.timeout:g} s; it goes on: see 'conveyor status "
+                f"{record['id']}'",
+                record["id"],
+            ) from None
     result = result_of(record)
     # One line, so that scripts can read it and people can see it whole.
     out.line(json.dumps(result if is_plain_json(result) else repr(result)))
