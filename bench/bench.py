@@ -195,6 +195,42 @@ def cpu_seconds(roots: set[int], servers: tuple[str, ...]) -> dict[str, float]:
     return totals
 
 
+def executor_timings(sandbox: str, rounds: int = 1000) -> tuple[float, float]:
+    """Median cold start and warm invocation of a no-op in the executor alone,
+    in ms, with the given sandbox: what the sandbox adds, without HTTP."""
+    from conveyor_core.records import FunctionVersion
+    from runtime.executors.process import ProcessExecutor, make_launcher
+
+    def noop(version: int) -> FunctionVersion:
+        return FunctionVersion(
+            tenant="bench",
+            name="noop",
+            version=version,
+            source=source("noop"),
+            entrypoint="noop",
+            timeout_s=10,
+            memory_mb=128,
+            env={},
+            created_at=0.0,
+        )
+
+    payload = b'{"args": [], "kwargs": {}}'
+    launcher = make_launcher(sandbox, 8)
+    with ProcessExecutor(max_processes=8, launcher=launcher) as executor:
+        cold = []
+        for version in range(1, 6):
+            started = time.perf_counter()
+            executor.run(noop(version), payload, "cold")
+            cold.append((time.perf_counter() - started) * 1000)
+        warm = []
+        function = noop(1)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            executor.run(function, payload, "warm")
+            warm.append((time.perf_counter() - started) * 1000)
+    return statistics.median(cold), statistics.median(warm)
+
+
 def count_succeeded(client: ApiClient) -> int:
     count, cursor = 0, None
     while True:
@@ -221,6 +257,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--bundle-size", type=int, default=8)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--sandbox", default="none", help="CONVEYOR_SANDBOX: none or process"
+    )
     args = parser.parse_args()
 
     backends = (
@@ -235,6 +274,7 @@ def main() -> int:
         CONVEYOR_LOG_LEVEL=args.log_level,
         CONVEYOR_CONCURRENCY=str(args.concurrency),
         CONVEYOR_BUNDLE_SIZE=str(args.bundle_size),
+        CONVEYOR_SANDBOX=args.sandbox,
     )
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -267,7 +307,7 @@ def main() -> int:
     print(f"machine: a thread wake-up round trip takes {wake_round_trip_us():.0f} µs")
     print(
         f"backends: {kind}, store SQLite, {args.runtimes} runtime(s), "
-        f"bundles of {args.bundle_size}"
+        f"bundles of {args.bundle_size}, sandbox {args.sandbox}"
     )
     print(
         f"async: {args.total} no-op invocations in {finished_s:.2f} s = "
@@ -297,6 +337,12 @@ def main() -> int:
         f"cold start (first call of a new function, end to end): "
         f"median {statistics.median(cold_ms):.1f} ms, max {max(cold_ms):.1f} ms"
     )
+    for sandbox in dict.fromkeys(("none", args.sandbox)):
+        cold_ms, warm_ms = executor_timings(sandbox)
+        print(
+            f"executor alone, sandbox {sandbox}: cold start {cold_ms:.1f} ms, "
+            f"warm invocation {warm_ms:.3f} ms (medians)"
+        )
     return 0
 
 

@@ -64,6 +64,7 @@ class Settings:
     max_result_bytes: int = 6 * 1024 * 1024
     max_log_bytes: int = 1024 * 1024
     warm_idle_s: float = 300.0
+    sandbox: str = "auto"
     max_warm_processes: int = 32
 
     def __post_init__(self) -> None:

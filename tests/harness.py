@@ -20,6 +20,14 @@ import requests
 ADMIN_KEY = "cvk_test-admin-" + uuid.uuid4().hex
 
 
+def default_sandbox() -> str:
+    """The process sandbox where it can run; elsewhere (a laptop without
+    root) the suite runs functions unsandboxed rather than not at all."""
+    from runtime.executors.sandbox import unavailable_reason
+
+    return "process" if unavailable_reason() is None else "none"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -160,6 +168,7 @@ def platform(
         CONVEYOR_QUEUE=f"conveyor.test.{uuid.uuid4().hex[:12]}",
         CONVEYOR_GATEWAY_WORKERS="2",
         CONVEYOR_LOG_LEVEL="INFO",
+        CONVEYOR_SANDBOX=default_sandbox(),
     )
     env.update(extra_env or {})
     running = Platform(tmp_path, env, port)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conveyor_core.errors import ExecutorError
+from conveyor_core.errors import ConfigurationError, ExecutorError
 from conveyor_core.records import FunctionVersion, State
 from conveyor_core.settings import Settings
 from runtime.executors import bootstrap
-from runtime.executors.process import ProcessExecutor
+from runtime.executors.process import Launcher, ProcessExecutor, make_launcher
 
 MIB = 1024 * 1024
 
@@ -752,3 +752,26 @@ def test_output_between_invocations_goes_to_the_next_one(executor):
 
     assert first.logs == "call 1\n"
     assert second.logs == "from the background\ncall 2\n"
+
+
+def test_an_unknown_sandbox_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="names no sandbox"):
+        make_launcher("chroot", 4)
+
+
+@pytest.mark.parametrize("choice", ["auto", "process"])
+def test_a_sandbox_that_cannot_run_refuses_to_start(choice, monkeypatch):
+    from runtime.executors import sandbox
+
+    monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "it needs root")
+    with pytest.raises(ConfigurationError) as caught:
+        make_launcher(choice, 4)
+    assert "it needs root" in str(caught.value)
+    assert "CONVEYOR_SANDBOX=none" in str(caught.value)
+
+
+def test_no_sandbox_is_an_explicit_choice_and_says_so(caplog):
+    with caplog.at_level("WARNING"):
+        launcher = make_launcher("none", 4)
+    assert type(launcher) is Launcher
+    assert "run only code you trust" in caplog.text

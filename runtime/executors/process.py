@@ -122,6 +122,62 @@ class Launcher:
             raise
         return process
 
+    def kill(self, popen: subprocess.Popen[bytes]) -> None:
+        """Kill the process and all it started, then reap it."""
+        if popen.returncode is None:
+            # The unreaped leader keeps the group id from being reused.
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            popen.wait()
+
+    def release(self, popen: subprocess.Popen[bytes]) -> None:
+        """Free what the launcher holds for a process that has been reaped."""
+
+    def ran_out_of_memory(self, popen: subprocess.Popen[bytes]) -> bool:
+        """Whether a memory limit outside the process killed it."""
+        return False
+
+    def has_leftovers(self, popen: subprocess.Popen[bytes]) -> bool:
+        """Whether the process has started others that are still alive."""
+        return False
+
+
+SANDBOXES = ("auto", "process", "none")
+
+
+def make_launcher(sandbox: str, max_processes: int) -> Launcher:
+    """The launcher CONVEYOR_SANDBOX names.
+
+    ``auto`` is the process sandbox where it can run, and a refusal to run
+    functions where it cannot; ``none`` runs them as plain processes, for
+    trusted code only.
+    """
+    if sandbox not in SANDBOXES:
+        raise ConfigurationError(
+            f"CONVEYOR_SANDBOX={sandbox!r} names no sandbox; use one of "
+            f"{', '.join(SANDBOXES)}"
+        )
+    if sandbox == "none":
+        logger.warning(
+            "functions run without a sandbox (CONVEYOR_SANDBOX=none): run only "
+            "code you trust"
+        )
+        return Launcher()
+
+    from runtime.executors.sandbox import ProcessSandbox, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        raise ConfigurationError(
+            f"the process sandbox cannot run here: {reason}. Functions are "
+            "untrusted code, so the runtime does not run them unsandboxed; to "
+            "run trusted code only, set CONVEYOR_SANDBOX=none"
+        )
+    logger.info("functions run in the process sandbox")
+    return ProcessSandbox(max_processes)
+
 
 class _Deadline(Exception):
     """Raised inside the executor when an invocation's timeout passes."""
@@ -266,6 +322,7 @@ class _WarmProcess:
         output: _Output,
         workdir: str,
         max_result_bytes: int,
+        launcher: Launcher,
     ) -> None:
         self.key = function.key
         self.pid = popen.pid
@@ -278,6 +335,7 @@ class _WarmProcess:
         self._output = output
         self._workdir = workdir
         self._max_result_bytes = max_result_bytes
+        self._launcher = launcher
         self._buffer = bytearray()
         self._lock = threading.Lock()
         self._readable = select.poll()
@@ -357,18 +415,16 @@ class _WarmProcess:
         if not self._output.wait_marker(MARKER_WAIT_S):
             # Late output would land in the next invocation's logs.
             self.retired = True
+        if self._launcher.has_leftovers(self._popen):
+            # Nothing an invocation started may outlive it: the process goes,
+            # and everything in its sandbox with it.
+            self.retired = True
         outcome.logs, outcome.logs_truncated = self._output.collect()
 
     def terminate(self) -> None:
-        """Kill the process and everything in its group, and reap it."""
+        """Kill the process and everything it started, and reap it."""
         with self._lock:
-            if self._popen.returncode is None:
-                # The unreaped leader keeps the group id from being reused.
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self._popen.wait()
+            self._launcher.kill(self._popen)
 
     def dispose(self) -> None:
         """Terminate the process and release all it held in the worker."""
@@ -379,6 +435,7 @@ class _WarmProcess:
             self._disposed = True
         self.retired = True
         self.terminate()
+        self._launcher.release(self._popen)
         os.close(self._request_fd)
         os.close(self._reply_fd)
         os.close(self._output.fd)
@@ -458,6 +515,8 @@ class _WarmProcess:
 
     def _exit_error(self, function: FunctionVersion) -> dict:
         code = self._exit_status()
+        if self._launcher.ran_out_of_memory(self._popen):
+            return _memory_error(function, "")
         if code is None:
             message = "the function's process closed its reply pipe and was killed"
         elif code == bootstrap.EXIT_OUT_OF_MEMORY:
@@ -531,6 +590,8 @@ class ProcessExecutor(Executor):
     def from_settings(
         cls, settings: Settings, launcher: Launcher | None = None
     ) -> ProcessExecutor:
+        if launcher is None:
+            launcher = make_launcher(settings.sandbox, settings.max_warm_processes)
         return cls(
             max_processes=settings.max_warm_processes,
             max_result_bytes=settings.max_result_bytes,
@@ -738,7 +799,14 @@ class ProcessExecutor(Executor):
         _grow_pipe(output_r)
         output = _Output(output_r, self._max_log_bytes)
         return _WarmProcess(
-            function, popen, request_w, reply_r, output, workdir, self._max_result_bytes
+            function,
+            popen,
+            request_w,
+            reply_r,
+            output,
+            workdir,
+            self._max_result_bytes,
+            self._launcher,
         )
 
     def _reap_idle(self) -> None:
