@@ -241,6 +241,40 @@ def test_a_memory_bomb_is_a_memory_failure(client: ApiClient) -> None:
     assert "memory" in record["error"]["message"]
 
 
+def test_memory_spread_over_children_is_a_memory_failure(client: ApiClient) -> None:
+    # Each child stays under the address-space limit; together they pass the
+    # memory cgroup's, whose kill the worker reads as the verdict.
+    record = run(
+        client,
+        """
+        import os
+        import time
+
+        def main():
+            children = []
+            for _ in range(3):
+                pid = os.fork()
+                if pid == 0:
+                    hoard = []
+                    try:
+                        for _ in range(90):
+                            hoard.append(bytearray(1 << 20))
+                            time.sleep(0.002)
+                    except MemoryError:
+                        pass
+                    time.sleep(1)
+                    os._exit(0)
+                children.append(pid)
+            for pid in children:
+                os.waitpid(pid, 0)
+            return "survived"
+        """,
+        memory_mb=64,
+    )
+    assert record["status"] == "failed", record
+    assert "memory" in record["error"]["message"]
+
+
 def test_fork_and_thread_bombs_do_not_starve_another_tenant(
     running: Platform, client: ApiClient
 ) -> None:

@@ -401,10 +401,10 @@ class _WarmProcess:
             return self._broken(State.FAILED, started_s, exc.error)
 
         outcome.duration_ms = duration_ms
-        self._settle(outcome)
+        self._settle(outcome, function)
         return outcome
 
-    def _settle(self, outcome: Outcome) -> None:
+    def _settle(self, outcome: Outcome, function: FunctionVersion) -> None:
         """Attach the invocation's output, retiring the process if it is unsound."""
         if outcome.error is not None and outcome.error["type"] == "MemoryError":
             # A process that ran out of memory may be left half broken.
@@ -414,6 +414,15 @@ class _WarmProcess:
             self.retired = True
         if not self._output.wait_marker(MARKER_WAIT_S):
             # Late output would land in the next invocation's logs.
+            self.retired = True
+        if outcome.status is State.SUCCEEDED and self._launcher.ran_out_of_memory(
+            self._popen
+        ):
+            # Something the function started was killed for memory: the
+            # invocation used more than it was given, whatever it returned.
+            outcome.status = State.FAILED
+            outcome.result = None
+            outcome.error = _memory_error(function, "")
             self.retired = True
         if self._launcher.has_leftovers(self._popen):
             # Nothing an invocation started may outlive it: the process goes,
