@@ -199,6 +199,7 @@ def executor_timings(sandbox: str, rounds: int = 1000) -> tuple[float, float]:
     """Median cold start and warm invocation of a no-op in the executor alone,
     in ms, with the given sandbox: what the sandbox adds, without HTTP."""
     from conveyor_core.records import FunctionVersion
+    from conveyor_core.settings import Settings
     from runtime.executors.process import ProcessExecutor, make_launcher
 
     def noop(version: int) -> FunctionVersion:
@@ -215,7 +216,8 @@ def executor_timings(sandbox: str, rounds: int = 1000) -> tuple[float, float]:
         )
 
     payload = b'{"args": [], "kwargs": {}}'
-    launcher = make_launcher(sandbox, 8)
+    settings = Settings.from_env({**os.environ, "CONVEYOR_SANDBOX": sandbox})
+    launcher = make_launcher(settings)
     with ProcessExecutor(max_processes=8, launcher=launcher) as executor:
         cold = []
         for version in range(1, 6):
@@ -258,7 +260,7 @@ def main() -> int:
     parser.add_argument("--bundle-size", type=int, default=8)
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument(
-        "--sandbox", default="none", help="CONVEYOR_SANDBOX: none or process"
+        "--sandbox", default="none", help="CONVEYOR_SANDBOX: none, process or docker"
     )
     args = parser.parse_args()
 

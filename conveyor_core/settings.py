@@ -66,6 +66,8 @@ class Settings:
     warm_idle_s: float = 300.0
     sandbox: str = "auto"
     max_warm_processes: int = 32
+    docker_image: str = "conveyor-runtime:latest"
+    docker_runtime: str = ""
 
     def __post_init__(self) -> None:
         for name in _POSITIVE:

@@ -756,7 +756,7 @@ def test_output_between_invocations_goes_to_the_next_one(executor):
 
 def test_an_unknown_sandbox_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="names no sandbox"):
-        make_launcher("chroot", 4)
+        make_launcher(Settings(sandbox="chroot"))
 
 
 @pytest.mark.parametrize("choice", ["auto", "process"])
@@ -765,13 +765,13 @@ def test_a_sandbox_that_cannot_run_refuses_to_start(choice, monkeypatch):
 
     monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "it needs root")
     with pytest.raises(ConfigurationError) as caught:
-        make_launcher(choice, 4)
+        make_launcher(Settings(sandbox=choice))
     assert "it needs root" in str(caught.value)
     assert "CONVEYOR_SANDBOX=none" in str(caught.value)
 
 
 def test_no_sandbox_is_an_explicit_choice_and_says_so(caplog):
     with caplog.at_level("WARNING"):
-        launcher = make_launcher("none", 4)
+        launcher = make_launcher(Settings(sandbox="none"))
     assert type(launcher) is Launcher
     assert "run only code you trust" in caplog.text

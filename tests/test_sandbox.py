@@ -1,9 +1,10 @@
 """The attack battery: hostile functions deployed and invoked through the API.
 
-Each runs on ``conveyor server`` with ``CONVEYOR_SANDBOX=process`` and must
-neither reach the host, the platform nor other tenants, nor leave anything
-behind. Skipped where the sandbox cannot run (not root, no bubblewrap),
-failed instead when ``CI`` is set.
+Each runs on ``conveyor server`` with each sandbox backend, the process
+sandbox and the docker sandbox, and must neither reach the host, the
+platform nor other tenants, nor leave anything behind. A backend that cannot
+run here (not root, no bubblewrap, no docker daemon) is skipped, and fails
+the suite instead when ``CI`` is set.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.docker_image import runtime_image
 from tests.harness import ApiClient, Platform, platform
 
 pytestmark = pytest.mark.slow
@@ -31,21 +33,36 @@ SLOT_CGROUPS = [
 ]
 
 
-def _sandbox_reason() -> str | None:
-    from runtime.executors.sandbox import unavailable_reason
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
 
-    return unavailable_reason()
 
+def _sandbox_env(backend: str) -> dict[str, str]:
+    env = {"CONVEYOR_SANDBOX": backend, "CONVEYOR_MAX_WARM_PROCESSES": "8"}
+    if backend == "process":
+        from runtime.executors.sandbox import unavailable_reason
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    reason = _sandbox_reason()
+        reason = unavailable_reason()
+    else:
+        from runtime.executors.container import unavailable_reason as docker_reason
+
+        image, reason = runtime_image()
+        if image:
+            reason = docker_reason(image)
+        env["CONVEYOR_DOCKER_IMAGE"] = image
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"the process sandbox cannot run here: {reason}")
-        pytest.skip(f"the process sandbox cannot run here: {reason}")
-    env = {"CONVEYOR_SANDBOX": "process", "CONVEYOR_MAX_WARM_PROCESSES": "8"}
-    with platform(tmp_path_factory.mktemp("sandbox"), env) as started:
+        _unavailable(f"the {backend} sandbox cannot run here: {reason}")
+    return env
+
+
+@pytest.fixture(scope="module", params=["process", "docker"])
+def running(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    env = _sandbox_env(request.param)
+    with platform(tmp_path_factory.mktemp(request.param), env) as started:
         started.start("server")
         started.wait_ready()
         # Runtimes of other tests may be sandboxing now; only what this one
@@ -91,8 +108,14 @@ def test_no_network_to_the_platform_or_outside(
             import socket
 
             def main(ports):
-                outcomes = {}
+                with open("/proc/net/route") as table:
+                    routes = table.read().splitlines()[1:]
+                outcomes = {"routes": len(routes)}
                 for host, port in ports:
+                    if routes and not host.startswith("127."):
+                        # Never let a test's packet leave the machine.
+                        outcomes[f"{host}:{port}"] = "not tried: there is a route"
+                        continue
                     try:
                         socket.create_connection((host, port), timeout=2).close()
                         outcomes[f"{host}:{port}"] = "connected"
@@ -104,10 +127,11 @@ def test_no_network_to_the_platform_or_outside(
                 ["127.0.0.1", 6379],
                 ["127.0.0.1", 5672],
                 ["127.0.0.1", running.port],
-                ["1.1.1.1", 53],
+                ["192.0.2.1", 80],
             ],
         )
     )
+    assert result.pop("routes") == 0, result
     assert "connected" not in result.values(), result
 
 
@@ -117,6 +141,9 @@ def test_host_files_environment_and_processes_are_out_of_sight(
     secret = Path("/tmp") / f"conveyor-host-{uuid.uuid4().hex}"
     secret.write_text("host secret")
     secret.chmod(0o644)
+    host_files = {}
+    for path in (secret, Path("/etc/passwd"), Path("/etc/hostname")):
+        host_files[str(path)] = path.read_bytes().hex()
     try:
         result = succeeded(
             run(
@@ -129,9 +156,8 @@ def test_host_files_environment_and_processes_are_out_of_sight(
                     for path in (secret, "/etc/passwd", "/etc/hostname",
                                  "/work/main/pyproject.toml", "/root/.bash_history"):
                         try:
-                            with open(path) as handle:
-                                handle.read()
-                            seen[path] = "read"
+                            with open(path, "rb") as handle:
+                                seen[path] = handle.read().hex()
                         except OSError as exc:
                             seen[path] = type(exc).__name__
                     pids = [name for name in os.listdir("/proc") if name.isdigit()]
@@ -148,7 +174,9 @@ def test_host_files_environment_and_processes_are_out_of_sight(
         )
     finally:
         secret.unlink()
-    assert "read" not in result["files"].values(), result["files"]
+    # A container has an /etc of its own image; none of the host's is there.
+    for path, seen in result["files"].items():
+        assert seen != host_files.get(path), f"{path} of the host was read"
     assert not any(name.startswith("CONVEYOR_") for name in result["env"])
     assert "GREETING" in result["env"]
     assert result["pids"] <= 3
@@ -405,6 +433,13 @@ def test_after_the_battery_nothing_is_left_and_work_goes_on(
 ) -> None:
     assert succeeded(run(client, "def main(a, b):\n    return a + b\n", 2, 3)) == 5
 
+    if running.env["CONVEYOR_SANDBOX"] == "docker":
+        _stop_leaves_no_container(running)
+    else:
+        _stop_leaves_no_cgroup(running)
+
+
+def _stop_leaves_no_cgroup(running: Platform) -> None:
     before_groups = set(running.env["BEFORE_CGROUPS"].split())
     before_processes = set(_sandboxed())
     runtime_cgroups = {name.split("-")[1] for name in _slot_cgroups()} - {
@@ -413,11 +448,46 @@ def test_after_the_battery_nothing_is_left_and_work_goes_on(
     assert runtime_cgroups, "the battery ran outside the process sandbox"
 
     running.kill("server", 15)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _ours(runtime_cgroups):
         time.sleep(0.1)
     assert _ours(runtime_cgroups) == []
     assert set(_sandboxed()) <= before_processes
+
+
+def _stop_leaves_no_container(running: Platform) -> None:
+    import docker
+
+    from runtime.executors.container import OWNER_LABEL
+
+    client = docker.from_env()
+    try:
+        ours = [
+            container
+            for container in client.containers.list(
+                all=True, filters={"label": OWNER_LABEL}
+            )
+            if container.image.tags == [running.env["CONVEYOR_DOCKER_IMAGE"]]
+        ]
+        assert ours, "the battery ran outside the docker sandbox"
+        owners = {container.labels[OWNER_LABEL] for container in ours}
+
+        running.kill("server", 15)
+        deadline = time.monotonic() + 20
+        left = owners
+        while time.monotonic() < deadline and left:
+            time.sleep(0.2)
+            left = {
+                container.labels[OWNER_LABEL]
+                for container in client.containers.list(
+                    all=True, filters={"label": OWNER_LABEL}
+                )
+            } & owners
+        assert not left, f"containers of {left} outlived their runtime"
+    finally:
+        client.close()
+    sockets = Path(running.data_dir) / "docker-sockets"
+    assert not any(sockets.iterdir()), list(sockets.iterdir())
 
 
 def _other_tenant(running: Platform, client: ApiClient) -> ApiClient:

@@ -5,6 +5,12 @@ PATHS being more import directories joined by os.pathsep, and imports
 nothing outside the standard library, so it runs unchanged inside a sandbox
 with a read-only tree. The worker imports it only for the protocol constants.
 
+In a container, which inherits no descriptors from the worker, it is started
+as ``python -I -S bootstrap.py --receive SOCKET [PATHS]`` instead: it
+connects to the Unix socket SOCKET and receives the request, reply and
+output descriptors over it (SCM_RIGHTS), the output one becoming its fds 1
+and 2.
+
 Every message on the two pipes is a frame: an 8-byte prefix holding the
 lengths of a JSON header and of a body (two big-endian uint32), then the
 header, then the body.
@@ -355,8 +361,28 @@ def read_frame(stream: io.BufferedReader) -> tuple[dict, bytes] | None:
     return header, body
 
 
+def receive_descriptors(path: str) -> tuple[int, int]:
+    """Take the request and reply descriptors, and the output as fds 1 and 2,
+    from the worker listening on the Unix socket ``path``."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as channel:
+        channel.connect(path)
+        _, fds, _, _ = socket.recv_fds(channel, 1, 3)
+    if len(fds) != 3:
+        raise SystemExit(f"bootstrap: expected 3 descriptors on {path}, got {fds}")
+    request_fd, reply_fd, output_fd = fds
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(output_fd)
+    return request_fd, reply_fd
+
+
 def main(argv: list[str]) -> int:
-    request_fd, reply_fd = int(argv[1]), int(argv[2])
+    if argv[1] == "--receive":
+        request_fd, reply_fd = receive_descriptors(argv[2])
+    else:
+        request_fd, reply_fd = int(argv[1]), int(argv[2])
     sys.argv = [argv[0]]
     _add_site_packages()
     # Where the worker found the SDK, for code that imports conveyor (its

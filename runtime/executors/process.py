@@ -135,6 +135,15 @@ class Launcher:
     def release(self, popen: subprocess.Popen[bytes]) -> None:
         """Free what the launcher holds for a process that has been reaped."""
 
+    def has_exited(self, popen: subprocess.Popen[bytes]) -> bool:
+        """Whether the process has ended, without reaping it."""
+        return popen.returncode is not None or _has_exited(popen.pid)
+
+    def exit_code(self, popen: subprocess.Popen[bytes]) -> int | None:
+        """The exit status of a process that kill() has reaped: negative for a
+        signal, as subprocess reports it."""
+        return popen.returncode
+
     def ran_out_of_memory(self, popen: subprocess.Popen[bytes]) -> bool:
         """Whether a memory limit outside the process killed it."""
         return False
@@ -144,16 +153,18 @@ class Launcher:
         return False
 
 
-SANDBOXES = ("auto", "process", "none")
+SANDBOXES = ("auto", "process", "docker", "none")
 
 
-def make_launcher(sandbox: str, max_processes: int) -> Launcher:
+def make_launcher(settings: Settings) -> Launcher:
     """The launcher CONVEYOR_SANDBOX names.
 
     ``auto`` is the process sandbox where it can run, and a refusal to run
-    functions where it cannot; ``none`` runs them as plain processes, for
-    trusted code only.
+    functions where it cannot; ``docker`` runs each warm process in a
+    container of its own; ``none`` runs them as plain processes, for trusted
+    code only.
     """
+    sandbox = settings.sandbox
     if sandbox not in SANDBOXES:
         raise ConfigurationError(
             f"CONVEYOR_SANDBOX={sandbox!r} names no sandbox; use one of "
@@ -166,17 +177,34 @@ def make_launcher(sandbox: str, max_processes: int) -> Launcher:
         )
         return Launcher()
 
+    if sandbox == "docker":
+        from runtime.executors.container import DockerSandbox
+
+        launcher: Launcher = DockerSandbox(
+            settings.docker_image,
+            settings.max_warm_processes,
+            settings.data_dir,
+            runtime=settings.docker_runtime,
+        )
+        logger.info(
+            "functions run in docker containers of %s%s",
+            settings.docker_image,
+            f" under {settings.docker_runtime}" if settings.docker_runtime else "",
+        )
+        return launcher
+
     from runtime.executors.sandbox import ProcessSandbox, unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
         raise ConfigurationError(
             f"the process sandbox cannot run here: {reason}. Functions are "
-            "untrusted code, so the runtime does not run them unsandboxed; to "
-            "run trusted code only, set CONVEYOR_SANDBOX=none"
+            "untrusted code, so the runtime does not run them unsandboxed; "
+            "use CONVEYOR_SANDBOX=docker, or, to run trusted code only, "
+            "CONVEYOR_SANDBOX=none"
         )
     logger.info("functions run in the process sandbox")
-    return ProcessSandbox(max_processes)
+    return ProcessSandbox(settings.max_warm_processes)
 
 
 class _Deadline(Exception):
@@ -356,7 +384,7 @@ class _WarmProcess:
         self._unsent = bootstrap.encode_frame(init, body)
 
     def alive(self) -> bool:
-        return self._popen.returncode is None and not _has_exited(self.pid)
+        return not self._launcher.has_exited(self._popen)
 
     def invoke(
         self, function: FunctionVersion, payload: bytes, invocation_id: str
@@ -544,13 +572,13 @@ class _WarmProcess:
     def _exit_status(self) -> int | None:
         """The exit status once the process ends by itself, or None if it lingers."""
         give_up_s = time.monotonic() + EXIT_WAIT_S
-        while not _has_exited(self.pid):
+        while not self._launcher.has_exited(self._popen):
             if time.monotonic() > give_up_s:
                 self.terminate()
                 return None
             time.sleep(0.002)
         self.terminate()
-        return self._popen.returncode
+        return self._launcher.exit_code(self._popen)
 
 
 class ProcessExecutor(Executor):
@@ -600,7 +628,7 @@ class ProcessExecutor(Executor):
         cls, settings: Settings, launcher: Launcher | None = None
     ) -> ProcessExecutor:
         if launcher is None:
-            launcher = make_launcher(settings.sandbox, settings.max_warm_processes)
+            launcher = make_launcher(settings)
         return cls(
             max_processes=settings.max_warm_processes,
             max_result_bytes=settings.max_result_bytes,

@@ -64,7 +64,7 @@ UID_SPAN = 100
 #: How long bubblewrap gets to report its child's pid.
 START_TIMEOUT_S = 10.0
 
-_DENIED_SYSCALLS = (
+DENIED_SYSCALLS = (
     "ptrace",
     "mount",
     "umount2",
@@ -95,13 +95,13 @@ _DENIED_SYSCALLS = (
     "acct",
     "quotactl",
 )
-_DENIED_SOCKET_FAMILIES = (
+DENIED_SOCKET_FAMILIES = (
     socket.AF_INET,
     socket.AF_INET6,
     socket.AF_NETLINK,
     socket.AF_PACKET,
 )
-_CLONE_NEWUSER = 0x10000000
+CLONE_NEWUSER = 0x10000000
 _TOOLS = ("bwrap", "setpriv", "prlimit")
 
 
@@ -414,11 +414,11 @@ def _seccomp_program() -> bytes:
     import pyseccomp as seccomp
 
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    for family in _DENIED_SOCKET_FAMILIES:
+    for family in DENIED_SOCKET_FAMILIES:
         rules.add_rule(
             seccomp.ERRNO(errno.EACCES), "socket", seccomp.Arg(0, seccomp.EQ, family)
         )
-    for name in _DENIED_SYSCALLS:
+    for name in DENIED_SYSCALLS:
         try:
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (OSError, ValueError, RuntimeError):
@@ -428,7 +428,7 @@ def _seccomp_program() -> bytes:
         rules.add_rule(
             seccomp.ERRNO(errno.EPERM),
             call,
-            seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_NEWUSER, _CLONE_NEWUSER),
+            seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER),
         )
     # clone3 passes its flags in memory, out of a filter's reach: refusing it
     # makes the C library fall back to clone, which the rule above checks.
