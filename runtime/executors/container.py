@@ -265,9 +265,14 @@ class DockerSandbox(Launcher):
         return bool(popen.container.attrs.get("State", {}).get("OOMKilled"))
 
     def has_leftovers(self, popen: Container) -> bool:  # type: ignore[override]
-        """Whether processes beyond docker's init and the bootstrap live on."""
-        if popen.pids_cgroup is None:
-            return False
+        """Whether processes beyond docker's init and the bootstrap live on.
+
+        Where they cannot be counted from outside, under gVisor (whose
+        processes are not the host's) or without a visible pids cgroup, any
+        may have, so the container serves no further invocation.
+        """
+        if popen.pids_cgroup is None or self._runtime == "runsc":
+            return True
         try:
             procs = (popen.pids_cgroup / "cgroup.procs").read_text().split()
         except OSError:
