@@ -8,6 +8,7 @@ RabbitMQ and Redis of the machine.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -190,3 +191,22 @@ def test_runtime_killed_mid_invocation_is_redelivered(
         assert len(workers) == 2
         assert workers[0] != workers[1]
         assert record["attempt_log"][1]["status"] == "succeeded"
+
+
+def test_a_runtime_stops_on_signals_that_arrive_together(tmp_path: Path) -> None:
+    # A process manager's stop often reaches a runtime twice at once: once
+    # for its process group and once from its supervisor.
+    with platform(tmp_path) as running:
+        _separate(running, runtimes=1)
+        client = running.client()
+        client.deploy("wordcount", source("wordcount"))
+        answer = client.invoke("wordcount", "one two", wait_s=30)
+        assert answer.status_code == 200, answer.text
+
+        runtime = running.processes.pop("runtime-0")
+        for _ in range(500):
+            try:
+                os.kill(runtime.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        assert runtime.wait(timeout=30) == 0

@@ -168,9 +168,13 @@ class DockerSandbox(Launcher):
         self._seccomp = json.dumps(seccomp_profile())
 
         # Host users must not reach the sockets: only root traverses this.
-        self._sockets = Path(data_dir) / "docker-sockets"
-        self._sockets.mkdir(parents=True, exist_ok=True)
-        self._sockets.chmod(0o700)
+        # Runtimes of several hosts (or containers) may share the data
+        # directory, each under its host name.
+        root = Path(data_dir) / "docker-sockets"
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+        self._sockets = root / socket.gethostname()
+        self._sockets.mkdir(exist_ok=True)
         self._sweep_stale()
 
     def start(
@@ -346,13 +350,16 @@ class DockerSandbox(Launcher):
             self._free.append(slot)
 
     def _sweep_stale(self) -> None:
-        """Remove the containers and sockets of runtimes that died here."""
+        """Remove the containers and sockets of runtimes that died on this host.
+
+        Those of other hosts sharing the daemon are theirs to sweep.
+        """
         host = socket.gethostname()
         stale = self._client.containers.list(all=True, filters={"label": OWNER_LABEL})
         for container in stale:
             owner = container.labels.get(OWNER_LABEL, "")
             owner_host, _, pid = owner.rpartition(":")
-            if owner_host == host and pid.isdigit() and _alive(int(pid)):
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
                 continue
             logger.info("removing the container %s of a stopped runtime", owner)
             _remove(container)
