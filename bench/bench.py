@@ -278,6 +278,9 @@ def main() -> int:
         CONVEYOR_BUNDLE_SIZE=str(args.bundle_size),
         CONVEYOR_SANDBOX=args.sandbox,
     )
+    for name in ("CONVEYOR_DOCKER_IMAGE", "CONVEYOR_DOCKER_RUNTIME"):
+        if os.environ.get(name):
+            backends[name] = os.environ[name]
     with (
         tempfile.TemporaryDirectory() as folder,
         platform(Path(folder), backends) as running,
