@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +132,9 @@ class Container:
     directory: Path
     memory_cgroup: Path | None = None
     pids_cgroup: Path | None = None
-    oom_kills_at_start: int = 0
+    oom_kills_at_start: int | None = None
     returncode: int | None = None
-    removed: bool = field(default=False)
+    removed: bool = False
 
 
 class DockerSandbox(Launcher):

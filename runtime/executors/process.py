@@ -83,9 +83,12 @@ class Launcher:
     """Starts bootstrap processes as plain local children with resource limits.
 
     A sandbox backend subclasses this to wrap the command in its own launcher.
-    It must keep the descriptors in ``pass_fds`` at their numbers, use ``cwd``
-    and ``env`` as given, start a new session (the executor kills the process
-    group) and apply ``memory_bytes`` before the function's code can run.
+    It must give the process the descriptors in ``pass_fds`` (at their
+    numbers, or, for a container that inherits none, by handing them over),
+    use ``env`` as given, make ``kill`` end everything the process started,
+    and apply ``memory_bytes`` before the function's code can run. What it
+    returns is opaque to the executor but for its ``pid``, and is passed back
+    to the other methods.
     """
 
     def start(
