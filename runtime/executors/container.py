@@ -44,6 +44,7 @@ from runtime.executors.sandbox import (
     CLONE_NEWUSER,
     DENIED_SOCKET_FAMILIES,
     DENIED_SYSCALLS,
+    oom_kill_count,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class DockerSandbox(Launcher):
         self._client = docker.from_env(timeout=API_TIMEOUT_S)
         self._image = image
         self._runtime = runtime
+        self._gvisor = runtime == "runsc"
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
         self._uid_base = UID_BASE + (os.getpid() % 10_000) * UID_SPAN
         self._lock = threading.Lock()
@@ -199,7 +201,8 @@ class DockerSandbox(Launcher):
         listener = None
         container = None
         try:
-            directory.mkdir(mode=0o711)
+            directory.mkdir()
+            # Traversable by the container's uid, whatever the umask.
             directory.chmod(0o711)
             listener = _listen(directory / SOCKET_NAME)
             container = self._run(slot, directory, env, memory_bytes)
@@ -218,9 +221,10 @@ class DockerSandbox(Launcher):
             if listener is not None:
                 listener.close()
 
+        groups = _cgroups_of(pid)
         started = Container(pid, container, pidfd, slot, directory)
-        started.memory_cgroup = _cgroup_of(pid, "memory")
-        started.pids_cgroup = _cgroup_of(pid, "pids")
+        started.memory_cgroup = groups.get("memory")
+        started.pids_cgroup = groups.get("pids")
         started.oom_kills_at_start = _oom_kills(started.memory_cgroup)
         return started
 
@@ -275,7 +279,7 @@ class DockerSandbox(Launcher):
         processes are not the host's) or without a visible pids cgroup, any
         may have, so the container serves no further invocation.
         """
-        if popen.pids_cgroup is None or self._runtime == "runsc":
+        if popen.pids_cgroup is None or self._gvisor:
             return True
         try:
             procs = (popen.pids_cgroup / "cgroup.procs").read_text().split()
@@ -328,7 +332,7 @@ class DockerSandbox(Launcher):
             mem_limit=limit,
             memswap_limit=limit,
             nano_cpus=int(CPU_CORES * 1e9),
-            pids_limit=GVISOR_PIDS_MAX if self._runtime == "runsc" else PIDS_MAX,
+            pids_limit=GVISOR_PIDS_MAX if self._gvisor else PIDS_MAX,
             ulimits=[
                 Ulimit(name="as", soft=memory_bytes, hard=memory_bytes),
                 Ulimit(name="core", soft=0, hard=0),
@@ -426,8 +430,8 @@ def _hand_over(
     """Wait for the container's bootstrap, send it the descriptors; its pid
     and a pidfd of it."""
     deadline_s = time.monotonic() + START_TIMEOUT_S
+    listener.settimeout(1.0)
     while True:
-        listener.settimeout(1.0)
         try:
             connection, _ = listener.accept()
             break
@@ -485,32 +489,24 @@ def _remove(container: Any) -> None:
         logger.debug("removing container %s: %s", container.id, exc)
 
 
-def _cgroup_of(pid: int, controller: str) -> Path | None:
-    """The cgroup v1 directory of ``controller`` that holds ``pid``, if any."""
+def _cgroups_of(pid: int) -> dict[str, Path]:
+    """The cgroup v1 directories that hold ``pid``, by controller."""
     try:
         lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return {}
+    groups = {}
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
+        for controller in filter(None, controllers.split(",")):
             directory = _CGROUP_ROOT / controller / path.lstrip("/")
-            return directory if directory.is_dir() else None
-    return None
+            if directory.is_dir():
+                groups[controller] = directory
+    return groups
 
 
 def _oom_kills(memory_cgroup: Path | None) -> int | None:
-    if memory_cgroup is None:
-        return None
-    try:
-        text = (memory_cgroup / "memory.oom_control").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == "oom_kill":
-            return int(value)
-    return None
+    return None if memory_cgroup is None else oom_kill_count(memory_cgroup)
 
 
 def _alive(pid: int) -> bool:

@@ -484,15 +484,21 @@ def _kill(popen: subprocess.Popen[bytes]) -> None:
 def _oom_kills(slot: _Slot) -> int:
     if not slot.cgroups:
         return 0
+    return oom_kill_count(slot.cgroups[0]) or 0
+
+
+def oom_kill_count(memory_cgroup: Path) -> int | None:
+    """How many processes the cgroup v1 memory group has killed, or None
+    when the group is gone or out of sight."""
     try:
-        text = (slot.cgroups[0] / "memory.oom_control").read_text()
+        text = (memory_cgroup / "memory.oom_control").read_text()
     except OSError:
-        return 0
+        return None
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name == "oom_kill":
             return int(value)
-    return 0
+    return None
 
 
 def _sweep_stale_groups() -> None:
